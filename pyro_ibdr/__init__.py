@@ -1,0 +1,1 @@
+"""pyro_ibdr: Interactive Bayesian Distributional Robustness for LoRA fine-tuning, with Pyro."""
