@@ -1,15 +1,16 @@
-"""Test-wide settings: offline hub, few threads, a clean Pyro param store per test."""
+"""Test-wide settings: offline hub, one torch thread, a clean Pyro param store per test."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pyro  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pyro
+import pytest
+import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny test models gain nothing from a second thread, and oversubscribed cores make every op wait.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,104 @@
+"""The IBDR posterior: an equal-weight mixture of K isotropic Gaussians over θ."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.poutine.indep_messenger import CondIndepStackFrame
+from pyro.poutine.runtime import get_plates
+
+from .model import THETA, BayesianLoRA
+
+
+class ParticleGuide:
+    """Q = (1/K) Σ_i N(μ_i, σ² I) as a Pyro guide with reparameterised draws θ_i = μ_i + σ ε_i.
+
+    Called inside a vectorising plate of size P (IBDRLoss's particle plate, ``Predictive(parallel=True)``,
+    ``Trace_ELBO(vectorize_particles=True)``), draw p comes from component p mod K: with P = K every
+    particle gets its own component, with P = S samples the draws are stratified over the components.
+    Outside any plate one component is picked uniformly at random.
+
+    :param model: the :class:`BayesianLoRA` model (gives D and the LoRA initialisation of μ).
+    :param num_particles: K ≥ 1.
+    :param sigma: σ ≥ 0; σ = 0 makes every component a point mass (particles are point estimates).
+    :param learn_sigma: make σ a positive ``pyro.param`` (requires σ > 0).
+    :param init_loc: (K, D) initial means; default: K independent LoRA initialisations.
+    :param name: prefix of this guide's names in Pyro's param store.
+    """
+
+    def __init__(
+        self,
+        model: BayesianLoRA,
+        num_particles: int = 4,
+        sigma: float = 0.0,
+        *,
+        learn_sigma: bool = False,
+        init_loc: torch.Tensor | None = None,
+        name: str = "particle_guide",
+        seed: int | None = None,
+    ) -> None:
+        if num_particles < 1:
+            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+        if not sigma >= 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        if learn_sigma and sigma == 0:
+            raise ValueError("a learnable sigma needs a positive initial value")
+        self.model = model
+        self.num_particles = int(num_particles)
+        self.sigma = float(sigma)
+        self.learn_sigma = learn_sigma
+        self.name = name
+        if init_loc is None:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            init_loc = model.init_particles(self.num_particles, generator)
+        if init_loc.shape != (self.num_particles, model.dim):
+            raise ValueError(f"init_loc must have shape ({self.num_particles}, {model.dim}), got {tuple(init_loc.shape)}")
+        self._init_loc = init_loc.detach().clone()
+
+    @property
+    def loc(self) -> torch.Tensor:
+        """μ (K, D)."""
+        return pyro.param(f"{self.name}.loc", lambda: self._init_loc.clone())
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """σ (a scalar tensor)."""
+        if self.learn_sigma:
+            return pyro.param(f"{self.name}.scale", lambda: torch.tensor(self.sigma), constraint=constraints.positive)
+        return torch.tensor(self.sigma, device=self._init_loc.device)
+
+    @staticmethod
+    def _vectorising_plate() -> CondIndepStackFrame | None:
+        """The outermost enclosing plate (the guide declares none of its own), or None outside any."""
+        frames = [frame for frame in get_plates() if frame.vectorized]
+        return min(frames, key=lambda frame: frame.dim) if frames else None
+
+    def _component_dist(self, loc: torch.Tensor) -> dist.Distribution:
+        if self.sigma == 0 and not self.learn_sigma:
+            return dist.Delta(loc, event_dim=1)
+        return dist.Normal(loc, self.scale).to_event(1)
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        loc = self.loc
+        plate = self._vectorising_plate()
+        if plate is None:
+            picked = loc[torch.randint(self.num_particles, ())]
+        else:
+            components = torch.arange(plate.size, device=loc.device) % self.num_particles
+            picked = loc[components].reshape(plate.size, *([1] * (-plate.dim - 1)), -1)
+        return pyro.sample(THETA, self._component_dist(picked))
+
+    def sample_posterior(self, num_samples: int) -> dict[str, torch.Tensor]:
+        """{"theta": (S, D)}: S draws stratified over the K components (draw s from component s mod K)."""
+        loc = self.loc.detach()
+        picked = loc[torch.arange(num_samples) % self.num_particles]
+        return {THETA: self._component_dist(picked).sample().detach()}
+
+    def mixture(self) -> dist.Distribution:
+        """Q itself, (1/K) Σ_i N(μ_i, σ² I), for densities and i.i.d. draws (requires σ > 0)."""
+        if self.sigma == 0 and not self.learn_sigma:
+            raise ValueError("Q is a sum of point masses when sigma = 0; it has no density")
+        weights = dist.Categorical(logits=torch.zeros(self.num_particles, device=self._init_loc.device))
+        return dist.MixtureSameFamily(weights, dist.Normal(self.loc, self.scale).to_event(1))

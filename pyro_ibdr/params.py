@@ -1,0 +1,83 @@
+"""A flat view of a module's trainable adapter tensors: θ ∈ R^D ↔ named tensors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ParamFilter = Callable[[str, nn.Parameter], bool]
+
+
+def _is_lora_factor(name: str) -> bool:
+    return ".lora_" in name or name.startswith("lora_")
+
+
+def lora_only(name: str, param: nn.Parameter) -> bool:
+    """Select only the LoRA factors (not the ``modules_to_save`` heads)."""
+    return param.requires_grad and _is_lora_factor(name)
+
+
+def trainable(name: str, param: nn.Parameter) -> bool:
+    """Select every tensor that peft left trainable: LoRA factors and ``modules_to_save`` copies."""
+    return param.requires_grad
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Names, shapes and offsets of the tensors that make up one flat vector θ.
+
+    ``unflatten`` maps θ of shape ``(*lead, D)`` to ``{name: (*lead, *shape)}`` by views, so any leading
+    particle or sample dimensions pass through untouched.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @classmethod
+    def from_module(cls, net: nn.Module, select: ParamFilter = trainable) -> ParamSpec:
+        chosen = [(name, p) for name, p in net.named_parameters() if select(name, p)]
+        if not chosen:
+            raise ValueError(
+                "the model has no trainable adapter tensors: wrap it with peft.get_peft_model(...) "
+                "(LoRA target_modules must match some layers) or pass a different parameter filter"
+            )
+        return cls(tuple(n for n, _ in chosen), tuple(p.shape for _, p in chosen))
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def dim(self) -> int:
+        """D, the number of scalars in θ."""
+        return sum(self.numels)
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate the named tensors (no leading dims) into θ of shape (D,)."""
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise KeyError(f"tensors missing from the flat parameter spec: {missing[:5]}")
+        return torch.cat([tensors[n].detach().reshape(-1) for n in self.names])
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split θ of shape (*lead, D) into ``{name: (*lead, *shape)}``."""
+        if theta.shape[-1] != self.dim:
+            raise ValueError(f"theta has last dimension {theta.shape[-1]}, expected D = {self.dim}")
+        lead = theta.shape[:-1]
+        chunks = torch.split(theta, self.numels, dim=-1)
+        return {n: c.reshape(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
+
+    def lora_a_bounds(self) -> torch.Tensor:
+        """Per-entry bound b = 1/sqrt(fan_in) of peft's default uniform init of ``A`` (0 elsewhere).
+
+        peft draws A with kaiming_uniform(a=√5), i.e. U(−b, b) with b = √(6 / ((1 + 5) fan_in)).
+        """
+        parts = []
+        for name, shape, k in zip(self.names, self.shapes, self.numels, strict=True):
+            bound = 1.0 / math.sqrt(math.prod(shape[1:])) if ".lora_A." in name and len(shape) > 1 else 0.0
+            parts.append(torch.full((k,), bound))
+        return torch.cat(parts)

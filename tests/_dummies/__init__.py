@@ -1,0 +1,1 @@
+"""Tiny models and small real data for fast CPU tests."""
