@@ -10,6 +10,7 @@ from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.runtime import get_plates
 
 from .model import THETA, BayesianLoRA
+from .posterior import ParticlePosterior
 
 
 class ParticleGuide:
@@ -90,11 +91,9 @@ class ParticleGuide:
             picked = loc[components].reshape(plate.size, *([1] * (-plate.dim - 1)), -1)
         return pyro.sample(THETA, self._component_dist(picked))
 
-    def sample_posterior(self, num_samples: int) -> dict[str, torch.Tensor]:
-        """{"theta": (S, D)}: S draws stratified over the K components (draw s from component s mod K)."""
-        loc = self.loc.detach()
-        picked = loc[torch.arange(num_samples) % self.num_particles]
-        return {THETA: self._component_dist(picked).sample().detach()}
+    def posterior(self) -> ParticlePosterior:
+        """The current Q as a :class:`ParticlePosterior` (draws stratified over the components)."""
+        return ParticlePosterior(self.loc.detach().clone(), self.scale.detach().clone())
 
     def mixture(self) -> dist.Distribution:
         """Q itself, (1/K) Σ_i N(μ_i, σ² I), for densities and i.i.d. draws (requires σ > 0)."""

@@ -2,39 +2,85 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from pyro.infer import Predictive
 
 from .functional import Inputs
 from .model import LOGITS, THETA, BayesianLoRA
+from .posterior import Posterior
+
+PosteriorLike = Callable | Mapping[str, torch.Tensor] | Posterior
 
 
-def predictive_probs(
-    model: BayesianLoRA,
-    posterior: Callable | Mapping[str, torch.Tensor],
-    x: Inputs,
-    num_samples: int = 8,
-) -> torch.Tensor:
+@contextmanager
+def _training_mode(net: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Run ``net`` in training mode (dropout on) inside the block when ``enabled``; restore afterwards."""
+    was_training = net.training
+    net.train(enabled or was_training)
+    try:
+        yield
+    finally:
+        net.train(was_training)
+
+
+def _predict(model: BayesianLoRA, x: Inputs, num_samples: int, dropout: bool, **source) -> torch.Tensor:
+    """Run ``Predictive`` with ``posterior_samples=`` or ``guide=`` and return probabilities (S, B, C)."""
+    predictive = Predictive(model, num_samples=num_samples, return_sites=[LOGITS], parallel=True, **source)
+    with torch.no_grad(), _training_mode(model.net, dropout):
+        logits = predictive(x)[LOGITS]
+    return logits.reshape(num_samples, *logits.shape[-2:]).softmax(-1)
+
+
+def _as_samples(posterior: Mapping[str, torch.Tensor] | Posterior, num_samples: int) -> dict[str, torch.Tensor]:
+    samples = posterior.sample(num_samples) if isinstance(posterior, Posterior) else posterior
+    if THETA not in samples:
+        raise KeyError(f"posterior samples must contain {THETA!r}")
+    return {THETA: samples[THETA]}
+
+
+def predictive_probs(model: BayesianLoRA, posterior: PosteriorLike, x: Inputs, num_samples: int = 8) -> torch.Tensor:
     """Per-sample class probabilities p(y | x, θ_s), shape (S, B, C), with θ_s drawn from the posterior.
 
     :param posterior: a guide (drawn ``num_samples`` times in one vectorised pass; a
-        :class:`~pyro_ibdr.ParticleGuide` stratifies the draws over its components) or explicit samples
-        ``{"theta": (S, D)}`` (``num_samples`` is then S).
+        :class:`~pyro_ibdr.ParticleGuide` stratifies the draws over its components), a
+        :class:`~pyro_ibdr.posterior.Posterior`, or explicit samples ``{"theta": (S, D)}`` (S overrides
+        ``num_samples``).
     """
-    if isinstance(posterior, Mapping):
-        if THETA not in posterior:
-            raise KeyError(f"posterior samples must contain {THETA!r}")
-        samples = {THETA: posterior[THETA]}
-        num_samples = samples[THETA].shape[0]
-        predictive = Predictive(model, posterior_samples=samples, return_sites=[LOGITS], parallel=True)
-    else:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        predictive = Predictive(
-            model, guide=posterior, num_samples=num_samples, return_sites=[LOGITS], parallel=True
-        )
-    with torch.no_grad():
-        logits = predictive(x)[LOGITS]
-    return logits.reshape(num_samples, *logits.shape[-2:]).softmax(-1)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
+    if isinstance(posterior, Posterior | Mapping):
+        samples = _as_samples(posterior, num_samples)
+        return _predict(model, x, samples[THETA].shape[0], dropout, posterior_samples=samples)
+    return _predict(model, x, num_samples, dropout, guide=posterior)
+
+
+def predict_loader(
+    model: BayesianLoRA,
+    posterior: Posterior | Mapping[str, torch.Tensor],
+    loader: Iterable,
+    num_samples: int = 8,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs (S, N, C), targets (N,)) over a loader of (x, y) batches, with the same θ samples for every batch."""
+    samples = _as_samples(posterior, num_samples)
+    dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
+    probs, targets = [], []
+    for x, y in loader:
+        batch = _predict(model, _to_device(x, device), samples[THETA].shape[0], dropout, posterior_samples=samples)
+        probs.append(batch.cpu())
+        targets.append(y.cpu())
+    if not probs:
+        raise ValueError("the loader yielded no batches")
+    return torch.cat(probs, dim=1), torch.cat(targets)
+
+
+def _to_device(x: Inputs, device: torch.device | str | None) -> Inputs:
+    if device is None:
+        return x
+    if isinstance(x, Mapping):
+        return {k: v.to(device) for k, v in x.items()}
+    return x.to(device)

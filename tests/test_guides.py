@@ -28,9 +28,9 @@ def test_particles_start_as_independent_lora_inits(model):
 
 def test_stratified_posterior_samples(model):
     guide = ParticleGuide(model, 4, sigma=0.0)
-    samples = guide.sample_posterior(8)["theta"]
+    samples = guide.posterior().sample(8)["theta"]
     torch.testing.assert_close(samples, guide.loc.detach().repeat(2, 1))
-    noisy = ParticleGuide(model, 4, sigma=0.1, name="noisy").sample_posterior(4000)["theta"]
+    noisy = ParticleGuide(model, 4, sigma=0.1, name="noisy").posterior().sample(4000)["theta"]
     assert abs(float((noisy[::4] - pyro.param("noisy.loc")[0].detach()).std()) - 0.1) < 0.01
 
 
