@@ -1,0 +1,91 @@
+"""Figures of predictive quality: the reliability diagram.
+
+Figures are drawn on a bare :class:`matplotlib.figure.Figure` (Agg canvas, no pyplot state, no display)
+and written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from pyro_ibdr.metrics import calibration_bins
+
+
+def _save_atomically(fig: Figure, path: Path) -> None:
+    """Write ``fig`` to a temporary file in the folder of ``path``, then ``os.replace`` it into place."""
+    fmt = path.suffix.lower().lstrip(".")
+    supported = fig.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(f"cannot infer a figure format from {path.name!r}; use one of {sorted(supported)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # opened with "xb": honours the umask
+    try:
+        with open(tmp, "xb") as handle:
+            fig.savefig(handle, format=fmt, dpi=150)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def reliability_diagram(
+    probs: Tensor,
+    targets: Tensor,
+    path: str | os.PathLike[str],
+    *,
+    n_bins: int = 15,
+    title: str | None = None,
+) -> Path:
+    """Draw the reliability diagram of predictive probabilities ``probs`` (B, C) and write it to ``path``.
+
+    Top: accuracy per equal-width confidence bin (bars) against the diagonal acc = conf, with the gap to
+    each bin's mean confidence shaded and the ECE = Σ_k (n_k / N) |acc_k − conf_k| in the legend.
+    Examples with a confidence of exactly 1.0, which torchmetrics' ECE counts as a bin of their own, are a
+    marker at confidence 1. Bottom: the number of examples per bin. The bins are those of
+    :func:`pyro_ibdr.metrics.calibration_bins`, so the ECE shown equals ``classification_metrics``'s.
+    The format follows the suffix of ``path`` (e.g. ``.png``); missing parent folders are created.
+
+    :returns: ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    bins = calibration_bins(probs, targets, n_bins)
+    m = bins.n_bins
+    edges = bins.edges.cpu().numpy()
+    count = bins.count.cpu().numpy()
+    accuracy = bins.accuracy.cpu().numpy()
+    confidence = bins.confidence.cpu().numpy()
+    left, width = edges[:-1], edges[1:] - edges[:-1]
+    filled = count[:m] > 0
+
+    fig = Figure(figsize=(5.0, 6.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax, ax_count = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    ax.bar(left[filled], accuracy[:m][filled], width=width[filled], align="edge", color="tab:blue",
+           edgecolor="black", linewidth=0.6, label="accuracy")
+    gap = confidence[:m] - accuracy[:m]
+    ax.bar(left[filled], gap[filled], bottom=accuracy[:m][filled], width=width[filled], align="edge",
+           color="tab:red", alpha=0.3, hatch="//", edgecolor="tab:red", linewidth=0.0,
+           label="gap to mean confidence")
+    ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="gray", label="perfect calibration")
+    if count[m] > 0:
+        ax.plot([1.0], [accuracy[m]], marker="D", color="tab:orange", linestyle="none",
+                label=f"confidence = 1 (n = {int(count[m])})")
+        ax_count.bar([1.0], [count[m]], width=0.3 / m, color="tab:orange")
+    ax.set_xlim(0.0, 1.02)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", title=f"ECE = {bins.ece:.4f} ({m} bins)", fontsize="small")
+    if title is not None:
+        ax.set_title(title)
+    ax_count.bar(left, count[:m], width=width, align="edge", color="tab:gray", edgecolor="black",
+                 linewidth=0.6)
+    ax_count.set_xlabel("confidence (top-label probability)")
+    ax_count.set_ylabel("count")
+    _save_atomically(fig, path)
+    return path
