@@ -1,0 +1,224 @@
+"""VTAB-1k tasks stored as image folders with file lists (the NOAH/SSF layout).
+
+``<data_dir>/<task>/`` holds ``train800.txt``, ``val200.txt``, ``train800val200.txt`` and ``test.txt``; each
+line is ``relative/path/to/image <integer label>`` with paths relative to the task folder. Training uses
+train800val200 (1,000 images), hyper-parameter search train800 -> val200, and the test split is used once.
+
+Preprocessing: resize to ``img_size`` x ``img_size`` (bicubic, no crop), scale to [0, 1], then normalise.
+The default is mean = std = 0.5 per channel (images in [-1, 1]), the convention of the ImageNet-21k ViT-B/16;
+``normalization="imagenet"`` uses the ImageNet mean/std (DINOv2, timm's in1k models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+SPLITS = ("train800", "val200", "train800val200", "test")
+Split = Literal["train800", "val200", "train800val200", "test"]
+Normalization = Literal["half", "imagenet"]
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclass(frozen=True)
+class VTABTask:
+    """One VTAB-1k task: canonical name, number of classes and the folder names other projects use."""
+
+    name: str
+    num_classes: int
+    aliases: tuple[str, ...] = ()
+
+
+TASKS: dict[str, VTABTask] = {
+    t.name: t
+    for t in (
+        VTABTask("cifar100", 100, ("cifar", "cifar-100", "cifar_100")),
+        VTABTask("caltech101", 102, ("caltech", "caltech-101")),
+        VTABTask("dtd", 47),
+        VTABTask("oxford_flowers102", 102, ("flowers102", "oxford_flowers", "flowers", "oxford-flowers102")),
+        VTABTask("oxford_iiit_pet", 37, ("pets", "oxford_pet", "oxford-iiit-pet", "pet")),
+        VTABTask("svhn", 10),
+        VTABTask("sun397", 397, ("sun",)),
+        VTABTask("patch_camelyon", 2, ("camelyon", "pcam", "patch-camelyon")),
+        VTABTask("eurosat", 10),
+        VTABTask("resisc45", 45, ("resisc",)),
+        VTABTask("diabetic_retinopathy", 5, ("retinopathy", "diabetic-retinopathy")),
+        VTABTask("clevr_count", 8, ("clevr-count",)),
+        VTABTask("clevr_dist", 6, ("clevr-dist", "clevr_distance", "clevr-distance")),
+        VTABTask("dmlab", 6),
+        VTABTask("kitti", 4, ("kitti_dist", "kitti-dist")),
+        VTABTask("dsprites_loc", 16, ("dsprites-loc", "dsprites_location", "dsprites-location")),
+        VTABTask("dsprites_ori", 16, ("dsprites-ori", "dsprites_orientation", "dsprites-orientation")),
+        VTABTask("smallnorb_azi", 18, ("smallnorb-azi", "smallnorb_azimuth", "smallnorb-azimuth")),
+        VTABTask("smallnorb_ele", 9, ("smallnorb-ele", "smallnorb_elevation", "smallnorb-elevation")),
+        # Not part of VTAB-1k: the offline default built from real CIFAR-10 photos (pyro_ibdr.assets.cifar10).
+        VTABTask("cifar10", 10, ("cifar-10", "cifar_10")),
+    )
+}
+
+
+def get_task(task: str) -> VTABTask:
+    """Look a task up by canonical name or alias (case-insensitive); the error lists the known tasks."""
+    key = task.strip().lower()
+    for spec in TASKS.values():
+        if key == spec.name or key in spec.aliases:
+            return spec
+    raise ValueError(f"unknown VTAB task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
+
+
+def resolve_task_dir(data_dir: str | Path, task: str) -> Path:
+    """The folder of ``task`` under ``data_dir``, trying its canonical name and then each alias."""
+    data_dir = Path(data_dir)
+    spec = get_task(task)
+    candidates = [task, spec.name, *spec.aliases]
+    for name in dict.fromkeys(candidates):
+        if (data_dir / name).is_dir():
+            return data_dir / name
+    raise FileNotFoundError(
+        f"no folder for task {spec.name!r} under {data_dir}; tried {list(dict.fromkeys(candidates))}"
+    )
+
+
+def read_file_list(path: str | Path) -> list[tuple[str, int]]:
+    """Parse a VTAB file list: one ``relative/path <integer label>`` per line (blank lines skipped).
+
+    The path may contain spaces; the label is the last whitespace-separated field. Errors name the file
+    and the 1-based line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file list not found: {path}")
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{number}: expected '<image path> <label>', got {line!r}")
+        try:
+            label = int(parts[1])
+        except ValueError:
+            raise ValueError(f"{path}:{number}: label {parts[1]!r} is not an integer") from None
+        if label < 0:
+            raise ValueError(f"{path}:{number}: negative label {label}")
+        entries.append((parts[0].strip(), label))
+    if not entries:
+        raise ValueError(f"file list {path} is empty")
+    return entries
+
+
+def resize_to_uint8(img_size: int = 224) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> uint8 tensor (3, img_size, img_size), bicubic resize with antialiasing, no crop."""
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize((img_size, img_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+    ])
+
+
+def normalize(normalization: Normalization = "half") -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 image tensor -> float32: scale to [0, 1], then (x - mean) / std per channel."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}")
+    mean, std = NORMALIZATIONS[normalization]
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open an image file as RGB; a missing or unreadable file raises an error that names it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image listed in the file list not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as err:
+        raise ValueError(f"cannot decode image {path}: {err}") from err
+
+
+class VTABDataset(Dataset):
+    """One split of a VTAB-1k task folder; items are ``(image tensor (3, H, W), label)``.
+
+    Args:
+        data_dir: the VTAB root (task folders below it).
+        task: task name or alias (see :data:`TASKS`).
+        split: one of ``"train800"``, ``"val200"``, ``"train800val200"``, ``"test"``.
+        img_size: side of the square model input.
+        normalization: ``"half"`` (mean = std = 0.5, default) or ``"imagenet"``.
+        transform: replaces the default resize + normalise (PIL image -> tensor) when given, e.g. for
+            augmentation.
+
+    Every label is checked against the task's number of classes when the list is read.
+    """
+
+    def __init__(self, data_dir: str | Path, task: str, split: Split = "train800val200", *,
+                 img_size: int = 224, normalization: Normalization = "half",
+                 transform: Callable[[Image.Image], torch.Tensor] | None = None) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.spec = get_task(task)
+        self.root = resolve_task_dir(data_dir, task)
+        self.split = split
+        self.samples = read_file_list(self.root / f"{split}.txt")
+        bad = [(p, y) for p, y in self.samples if y >= self.spec.num_classes]
+        if bad:
+            raise ValueError(
+                f"{self.root / f'{split}.txt'}: labels must be < {self.spec.num_classes} for task "
+                f"{self.spec.name!r}; found e.g. {bad[0]}"
+            )
+        self.resize = resize_to_uint8(img_size)
+        self.normalize = normalize(normalization)
+        self.transform = transform
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return torch.tensor([y for _, y in self.samples], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        relative, label = self.samples[index]
+        image = load_image(self.root / relative)
+        if self.transform is not None:
+            return self.transform(image), label
+        return self.normalize(self.resize(image)), label
+
+    def decode_all(self) -> torch.Tensor:
+        """Every image of the split, resized, as one uint8 tensor (N, 3, img_size, img_size)."""
+        return torch.stack([self.resize(load_image(self.root / p)) for p, _ in self.samples])
+
+
+class PreloadedDataset(Dataset):
+    """A split decoded once into uint8 memory; items are normalised on access.
+
+    On few CPU cores decoding and resizing JPEG/PNG files every epoch costs more than small models' steps.
+    Memory is N * 3 * H * W bytes (1,000 images at 224 px: 150 MB). Only the default (deterministic)
+    preprocessing can be cached; a dataset with a custom ``transform`` is refused.
+    """
+
+    def __init__(self, dataset: VTABDataset) -> None:
+        if dataset.transform is not None:
+            raise ValueError("cannot preload a dataset with a custom transform (it may be random per epoch)")
+        self.images = dataset.decode_all()
+        self.targets = dataset.targets
+        self.normalize = dataset.normalize
+        self.num_classes = dataset.num_classes
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.normalize(self.images[index]), int(self.targets[index])

