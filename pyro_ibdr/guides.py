@@ -55,7 +55,8 @@ class ParticleGuide:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             init_loc = model.init_particles(self.num_particles, generator)
         if init_loc.shape != (self.num_particles, model.dim):
-            raise ValueError(f"init_loc must have shape ({self.num_particles}, {model.dim}), got {tuple(init_loc.shape)}")
+            expected = (self.num_particles, model.dim)
+            raise ValueError(f"init_loc must have shape {expected}, got {tuple(init_loc.shape)}")
         self._init_loc = init_loc.detach().clone()
 
     @property

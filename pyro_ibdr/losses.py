@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import ELBO
+from pyro.poutine.util import site_is_subsample
 
 from .diversity import dpp_log_volume
 from .model import LOGITS, THETA
@@ -42,7 +43,8 @@ class IBDRSettings:
     :param dual_lr: step size of λ ← clamp(λ − lr·(ρ − c)); a callable is read at every step (schedules).
     :param kl: ``"paper"``: (β/K)[Σ_i ||μ_i||²/s² + d(σ − log σ)]; ``"exact"``: (β/K) Σ_i KL(N(μ_i, σ²I) ‖
         N(0, s²I)) (an upper bound on KL(Q‖P)); ``"mc"``: β·mean_i [log q(θ_i) − log p(θ_i)] from the
-        traces (any guide); ``"none"``. ``"paper"``/``"exact"`` need a guide with ``loc`` and ``scale``.
+        traces (any guide whose θ site carries its density, e.g. point masses or a mean-field Normal);
+        ``"none"``. ``"paper"``/``"exact"`` need a guide with ``loc`` and ``scale``.
     :param kl_weight: β.
     """
 
@@ -180,6 +182,11 @@ class IBDRLoss(ELBO):
         if kind == "none":
             return theta_site["value"].new_zeros(())
         if kind == "mc":
+            auxiliary = [name for name, site in guide_trace.nodes.items() if site["type"] == "sample"
+                         and not site["is_observed"] and not site_is_subsample(site) and name != THETA]
+            if auxiliary:
+                raise ValueError(f"kl='mc' needs a guide that samples θ directly; this one also samples {auxiliary} "
+                                 "(e.g. AutoNormal's unconstrained site), so log q(θ) would be wrong")
             log_q = theta_site["fn"].log_prob(theta_site["value"])
             log_p = model_trace.nodes[THETA]["fn"].log_prob(theta_site["value"])
             return beta * (log_q - log_p).mean()

@@ -100,7 +100,7 @@ class BayesianLoRA:
             raise ValueError(
                 f"labels must lie in [0, {num_classes}); got min {int(y.min())}, max {int(y.max())}"
             )
-        logits = pyro.deterministic(LOGITS, logits, event_dim=1)
         # A prediction batch may exceed N: the plate then covers just this batch.
         with pyro.plate(DATA_PLATE, size=max(self.num_data, n_batch), subsample_size=n_batch, dim=-1):
+            logits = pyro.deterministic(LOGITS, logits, event_dim=1)
             return pyro.sample("obs", dist.Categorical(logits=logits), obs=y)

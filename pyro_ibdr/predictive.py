@@ -16,8 +16,8 @@ PosteriorLike = Callable | Mapping[str, torch.Tensor] | Posterior
 
 
 @contextmanager
-def _training_mode(net: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Run ``net`` in training mode (dropout on) inside the block when ``enabled``; restore afterwards."""
+def training_mode(net: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Run ``net`` in training mode (dropout on) inside the block when ``enabled``; restore its mode afterwards."""
     was_training = net.training
     net.train(enabled or was_training)
     try:
@@ -29,7 +29,7 @@ def _training_mode(net: torch.nn.Module, enabled: bool) -> Iterator[None]:
 def _predict(model: BayesianLoRA, x: Inputs, num_samples: int, dropout: bool, **source) -> torch.Tensor:
     """Run ``Predictive`` with ``posterior_samples=`` or ``guide=`` and return probabilities (S, B, C)."""
     predictive = Predictive(model, num_samples=num_samples, return_sites=[LOGITS], parallel=True, **source)
-    with torch.no_grad(), _training_mode(model.net, dropout):
+    with torch.no_grad(), training_mode(model.net, dropout):
         logits = predictive(x)[LOGITS]
     return logits.reshape(num_samples, *logits.shape[-2:]).softmax(-1)
 
@@ -70,7 +70,7 @@ def predict_loader(
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     probs, targets = [], []
     for x, y in loader:
-        batch = _predict(model, _to_device(x, device), samples[THETA].shape[0], dropout, posterior_samples=samples)
+        batch = _predict(model, to_device(x, device), samples[THETA].shape[0], dropout, posterior_samples=samples)
         probs.append(batch.cpu())
         targets.append(y.cpu())
     if not probs:
@@ -78,7 +78,8 @@ def predict_loader(
     return torch.cat(probs, dim=1), torch.cat(targets)
 
 
-def _to_device(x: Inputs, device: torch.device | str | None) -> Inputs:
+def to_device(x: Inputs, device: torch.device | str | None) -> Inputs:
+    """Move a tensor, or every tensor of a mapping, to ``device`` (None: leave in place)."""
     if device is None:
         return x
     if isinstance(x, Mapping):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pyro.infer import SVI
 
 from pyro_ibdr import BayesianLoRA, IBDRLoss, ParticleGuide
+from pyro_ibdr.methods.bbb import MeanFieldGuide
 from tests._dummies.nets import lora_mlp
 
 N, LR = 64, 0.01
@@ -125,17 +126,18 @@ def test_kl_terms_match_closed_forms():
         assert loss.terms["kl"] == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_monte_carlo_kl_works_with_any_guide():
+def test_monte_carlo_kl_with_a_mean_field_guide_and_refused_for_auxiliary_sites():
     model = BayesianLoRA(lora_mlp().eval(), num_data=N)
-    guide = pyro.infer.autoguide.AutoNormal(
-        model, init_loc_fn=pyro.infer.autoguide.init_to_value(values={"theta": model.theta0.clone()}), init_scale=0.01
-    )
+    guide = MeanFieldGuide(model, init_scale=0.01, name="mf")
     loss = IBDRLoss(alpha=0.0, kl="mc", ascent="sam")
     loss.num_particles = 2
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=loss)
     x, y = batch()
     assert math.isfinite(svi.step(x, y))
     assert loss.terms["kl"] != 0
+    auto = pyro.infer.autoguide.AutoNormal(model)
+    with pytest.raises(ValueError, match="samples θ directly"):
+        IBDRLoss(alpha=0.0, kl="mc").loss(model, auto, x, y)
 
 
 def test_evaluate_loss_runs_under_no_grad_and_keeps_lambda():

@@ -1,0 +1,93 @@
+"""Evaluate a posterior on a data loader: predictive metrics, OOD detection and the reliability diagram.
+
+Every batch, in-distribution or OOD, is predicted with the same S draws θ_1..θ_S from the posterior, so
+the metrics describe one fixed ensemble.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .metrics import EnsembleMode, ensemble_probs, evaluate_predictions, ood_metrics, uncertainty_scores
+from .model import THETA, BayesianLoRA
+from .plots import reliability_diagram
+from .posterior import EmpiricalPosterior, Posterior
+from .predictive import predict_loader
+
+#: The OOD scores reported by :func:`evaluate` (higher = more likely out of distribution).
+OOD_SCORES = ("max_prob", "entropy", "mutual_information")
+
+
+def fixed_draws(posterior: Posterior, num_samples: int, seed: int = 0) -> EmpiricalPosterior:
+    """S draws from ``posterior`` frozen as an equal-weight sample posterior (keeps ``dropout_at_test``)."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    generator = torch.Generator().manual_seed(seed)
+    frozen = EmpiricalPosterior(posterior.sample(num_samples, generator=generator)[THETA])
+    frozen.dropout_at_test = posterior.dropout_at_test
+    return frozen
+
+
+def evaluate(
+    model: BayesianLoRA,
+    posterior: Posterior,
+    loader: Iterable[tuple[Any, torch.Tensor]],
+    *,
+    num_samples: int = 8,
+    n_bins: int = 15,
+    ensemble: EnsembleMode = "mean_probs",
+    ood_loader: Iterable[tuple[Any, torch.Tensor]] | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> dict[str, float | str]:
+    """Metrics of the posterior predictive on ``loader`` (batches (x, y)).
+
+    Keys: those of :func:`pyro_ibdr.metrics.evaluate_predictions` (``accuracy``, ``ece``, ``adaptive_ece``,
+    ``nll``, ``brier`` of the ensemble; ``disagreement``, ``pairwise_kl``, ``expected_entropy``,
+    ``predictive_entropy``, ``mutual_information``, ``dpp_log_volume`` of the S samples), ``ensemble``
+    (the label ``"mean_probs"`` — the Bayesian model average — or ``"mean_logits"``), ``num_samples`` and,
+    with an ``ood_loader`` (batches (x, y), labels ignored), ``ood_{score}_{auroc,aupr,fpr95}`` for each
+    score in :data:`OOD_SCORES`, with OOD examples as the positive class.
+    """
+    draws = fixed_draws(posterior, num_samples, seed)
+    probs, targets = predict_loader(model, draws, loader, num_samples, device=device)
+    results: dict[str, float | str] = {
+        **evaluate_predictions(probs, targets, n_bins=n_bins, mode=ensemble),
+        "ensemble": ensemble,
+        "num_samples": num_samples,
+    }
+    if ood_loader is not None:
+        ood_probs, _ = predict_loader(model, draws, ood_loader, num_samples, device=device)
+        in_scores, out_scores = uncertainty_scores(probs), uncertainty_scores(ood_probs)
+        for score in OOD_SCORES:
+            for name, value in ood_metrics(in_scores[score], out_scores[score]).items():
+                results[f"ood_{score}_{name}"] = value
+    return results
+
+
+def write_reliability_diagram(
+    model: BayesianLoRA,
+    posterior: Posterior,
+    loader: Iterable[tuple[Any, torch.Tensor]],
+    path: str | os.PathLike[str],
+    *,
+    num_samples: int = 8,
+    n_bins: int = 15,
+    ensemble: EnsembleMode = "mean_probs",
+    title: str | None = None,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write the reliability diagram of the posterior's ensemble on ``loader`` to ``path`` (e.g. a PNG).
+
+    The default title names the ensemble mode.
+    """
+    draws = fixed_draws(posterior, num_samples, seed)
+    probs, targets = predict_loader(model, draws, loader, num_samples, device=device)
+    title = title if title is not None else f"Reliability ({ensemble}, S = {num_samples})"
+    return reliability_diagram(ensemble_probs(probs, ensemble), targets, path, n_bins=n_bins, title=title)
