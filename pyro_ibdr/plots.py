@@ -7,31 +7,24 @@ and written atomically.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from pyro_ibdr.io import atomic_write
 from pyro_ibdr.metrics import calibration_bins
 
 
 def _save_atomically(fig: Figure, path: Path) -> None:
-    """Write ``fig`` to a temporary file in the folder of ``path``, then ``os.replace`` it into place."""
+    """Write ``fig`` in the format named by the suffix of ``path``, atomically."""
     fmt = path.suffix.lower().lstrip(".")
     supported = fig.canvas.get_supported_filetypes()
     if fmt not in supported:
         raise ValueError(f"cannot infer a figure format from {path.name!r}; use one of {sorted(supported)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # opened with "xb": honours the umask
-    try:
-        with open(tmp, "xb") as handle:
-            fig.savefig(handle, format=fmt, dpi=150)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format=fmt, dpi=150)
 
 
 def reliability_diagram(
