@@ -1,0 +1,1 @@
+"""Runnable experiments: ``python -m examples.vtab`` and ``python -m examples.commonsense``."""
