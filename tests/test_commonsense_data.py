@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pyro_ibdr.data import commonsense as cs
+from tests._dummies.text import write_jsonl
 
 WINOGRANDE = {"sentence": "Sarah was a better surgeon than Maria so _ got the easy cases.",
               "option1": "Sarah", "option2": "Maria", "answer": "1"}
@@ -92,13 +93,8 @@ def test_build_prompt_needs_two_choices():
         cs.build_prompt("q", ["only"])
 
 
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def test_load_files_jsonl_and_parquet(tmp_path):
-    train = _write_jsonl(tmp_path / "train.jsonl", [ARC, ARC_NUMERIC, ARC_FIVE])
+    train = write_jsonl(tmp_path / "train.jsonl", [ARC, ARC_NUMERIC, ARC_FIVE])
     test = tmp_path / "validation.parquet"
     pq.write_table(pa.Table.from_pylist([ARC_NUMERIC, ARC]), test)
     splits = cs.load_commonsense("arc_challenge", source="files", train=train, test=test)

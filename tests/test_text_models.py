@@ -5,15 +5,8 @@ import random
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch.func import functional_call, vmap
-from transformers import (
-    BertConfig,
-    BertForMultipleChoice,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import BertConfig, BertForMultipleChoice
 
 from pyro_ibdr.data.commonsense import (
     EncoderChoiceCollator,
@@ -23,11 +16,8 @@ from pyro_ibdr.data.commonsense import (
     build_prompt,
 )
 from pyro_ibdr.text import AnswerTokenClassifier, EncoderChoiceClassifier, last_real_position
+from tests._dummies.text import make_tokenizer, tiny_lm
 
-SPECIALS = ["[PAD]", "[UNK]", "<s>", "</s>", "[CLS]", "[SEP]"]
-WORDS = ["Select", "one", "of", "the", "choices", "that", "answers", "following", "question", ":", "Choices",
-         ")", "Answer", "A", "B", "C", "D", "pick", "red", "green", "blue", "cat", "dog", "sun", "moon",
-         "is", "it"]
 LETTERS = "ABCD"
 
 
@@ -38,25 +28,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def make_tokenizer(template: str = "<s> $A", pair: str | None = None) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over WORDS whose post-processor adds the given specials."""
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single=template, pair=pair, special_tokens=[(s, vocab[s]) for s in SPECIALS[2:]])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   bos_token="<s>", eos_token="</s>", cls_token="[CLS]", sep_token="[SEP]")
-
-
-def tiny_lm(vocab_size: int, attn: str = "eager") -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      attn_implementation=attn)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def record(question: str, label: int) -> MCRecord:

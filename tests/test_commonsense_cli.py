@@ -1,0 +1,144 @@
+"""``python -m examples.commonsense`` end to end: a tiny random Llama saved to a folder, raw-layout JSONL files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from examples import commonsense
+from tests._dummies.cli import error_message
+from tests._dummies.text import make_tokenizer, tiny_lm, write_jsonl
+
+SMALL = ["--source", "files", "--particles", "2", "--steps", "3", "--batch-size", "4", "--max-length", "64",
+         "--num-samples", "2", "--max-test", "0", "--threads", "1"]
+COLOURS = ["red", "green", "blue", "cat"]
+LORA_SIZE = 2 * (8 * (32 + 32) + 8 * (32 + 16))  # rank 8 on q (32 -> 32) and v (32 -> 2 heads x 8) in 2 layers
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder that ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained`` load: tokenizer + tiny Llama."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = make_tokenizer()
+    tokenizer.save_pretrained(folder)
+    tiny_lm(len(tokenizer)).save_pretrained(folder)
+    return folder
+
+
+def _arc_rows(n: int, offset: int = 0) -> list[dict[str, Any]]:
+    """ARC rows (HF layout) asking for a colour by name; keys rotate so every letter is an answer."""
+    rows = []
+    for i in range(offset, offset + n):
+        answer = i % 4
+        rows.append({"id": f"q{i}", "question": f"pick {COLOURS[answer]}",
+                     "choices": {"text": COLOURS, "label": list("ABCD")}, "answerKey": "ABCD"[answer]})
+    return rows
+
+
+def _boolq_rows(n: int) -> list[dict[str, Any]]:
+    return [{"question": f"is it {COLOURS[i % 4]}", "passage": f"the sun is {COLOURS[i % 2]}", "answer": i % 2 == 0}
+            for i in range(n)]
+
+
+@pytest.fixture
+def arc_files(tmp_path: Path) -> tuple[Path, Path]:
+    """8 four-choice training rows plus one five-choice row (dropped); 6 test rows."""
+    five = {"id": "q5c", "question": "pick one", "answerKey": "E",
+            "choices": {"text": [*COLOURS, "dog"], "label": list("ABCDE")}}
+    train = write_jsonl(tmp_path / "train.jsonl", [*_arc_rows(8), five])
+    test = write_jsonl(tmp_path / "test.jsonl", _arc_rows(6, offset=8))
+    return train, test
+
+
+def _invoke(model: Path, train: Path, test: Path, output: Path, *extra: str) -> Result:
+    args = ["--model", str(model), "--train-file", str(train), "--test-file", str(test), "--output", str(output),
+            *SMALL, *extra]
+    return CliRunner().invoke(commonsense.main, args)
+
+
+def test_cli_end_to_end_on_arc_files(model_dir: Path, arc_files: tuple[Path, Path], tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    result = _invoke(model_dir, *arc_files, output, "--tasks", "arc_easy", "--methods", "map,ibdr")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    for metric in ("accuracy", "ece"):
+        assert next(line for line in lines if line.startswith(metric)).split() == [metric, "map", "ibdr"]
+    assert sum(line.split()[:1] == ["arc_easy"] for line in lines) == 2  # the task row of each table
+    assert sum(line.split()[:1] == ["mean"] for line in lines) == 2  # the mean row of each table
+    assert "results.json" in lines[-1] and "results.csv" in lines[-1]
+
+    saved = json.loads((output / "results.json").read_text())
+    config = saved["config"]
+    assert (config["tasks"], config["source"], config["methods"]) == (["arc_easy"], "files", ["map", "ibdr"])
+    assert (config["model"], config["particles"], config["steps"], config["threads"]) == (str(model_dir), 2, 3, 1)
+    assert [(r["task"], r["method"]) for r in saved["summary"]] == [
+        ("arc_easy", "map"), ("arc_easy", "ibdr"), ("mean", "map"), ("mean", "ibdr")]
+    runs = {r["method"]: r for r in saved["runs"]}
+    for method, passes, samples in (("map", 1, 1), ("ibdr", 4, 2)):  # IBDR: K = 2 particles, 2 passes each
+        record = runs[method]
+        assert record == json.loads((output / "runs" / f"arc_easy__{method}__seed0.json").read_text())
+        metrics = record["metrics"]
+        assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["ece"] <= 1 and metrics["nll"] > 0
+        assert record["data"] == {"train": 8, "test": 6, "dropped": 1, "n_choices": 4}
+        cost = record["cost"]
+        assert (cost["steps"], cost["passes_per_step"], cost["test_samples"]) == (3, passes, samples)
+        assert cost["trainable_parameters"] == LORA_SIZE
+        assert (output / "reliability" / f"arc_easy__{method}__seed0.png").read_bytes()[:4] == b"\x89PNG"
+    assert runs["ibdr"]["state"]["settings"]["alpha"] > 0  # K = 2 <= C − 1 = 3: diversity stays on
+    with open(output / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["task"], r["method"]) for r in rows] == [(r["task"], r["method"]) for r in saved["summary"]]
+    assert float(rows[1]["nll"]) == pytest.approx(runs["ibdr"]["metrics"]["nll"])
+
+
+@pytest.mark.filterwarnings("ignore:K = 2 particles exceed C − 1:UserWarning")  # the test-set DPP volume metric
+def test_two_choice_task_turns_the_diversity_term_off(model_dir: Path, tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", _boolq_rows(8))
+    test = write_jsonl(tmp_path / "test.jsonl", _boolq_rows(4))
+    output = tmp_path / "out"
+    with pytest.warns(UserWarning, match="boolq: K = 2 > C − 1 = 1; diversity weight set to 0"):
+        result = _invoke(model_dir, train, test, output, "--tasks", "BoolQ", "--methods", "ibdr", "--alpha", "0.5")
+    assert result.exit_code == 0, result.output
+    record = json.loads((output / "runs" / "boolq__ibdr__seed0.json").read_text())
+    assert record["state"]["settings"]["alpha"] == 0.0
+    assert record["data"] == {"train": 8, "test": 4, "dropped": 0, "n_choices": 2}
+    assert 0 <= record["metrics"]["accuracy"] <= 1 and record["cost"]["test_samples"] == 2
+
+
+def test_bad_input_is_refused_before_loading(model_dir: Path, arc_files: tuple[Path, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a refused command must not load a model")
+
+    monkeypatch.setattr(commonsense, "load_backbone", no_loading)
+    output = tmp_path / "out"
+    message = error_message(_invoke(model_dir, *arc_files, output, "--methods", "map,mystery"))
+    assert "unknown methods ['mystery']" in message and "ibdr" in message and "--methods" in message
+    message = error_message(_invoke(model_dir, *arc_files, output, "--tasks", "hellaswag"))
+    assert "'hellaswag'" in message and "known" in message and "arc_easy" in message and "boolq" in message
+    message = error_message(CliRunner().invoke(commonsense.main, ["--source", "files", "--output", str(output)]))
+    assert "--source files needs --train-file and --test-file" in message
+    message = error_message(_invoke(model_dir, *arc_files, output, "--tasks", "arc_easy,boolq"))
+    assert "--tasks" in message and "one task" in message
+    message = error_message(_invoke(model_dir, *arc_files, output, "--methods", " , "))
+    assert "--methods" in message and "at least one" in message
+    message = error_message(_invoke(model_dir, arc_files[0], tmp_path / "absent.jsonl", output))
+    assert "--test-file" in message and "absent.jsonl" in message and "does not exist" in message
+    assert not output.exists()
+
+
+def test_help_documents_every_option() -> None:
+    result = CliRunner().invoke(commonsense.main, ["--help"])
+    assert result.exit_code == 0
+    options = [p for p in commonsense.main.params if isinstance(p, click.Option)]
+    assert len(options) >= 23
+    for option in options:
+        for name in (*option.opts, *option.secondary_opts):
+            assert name in result.output, name
+        assert option.help, option.name

@@ -1,0 +1,184 @@
+"""``python -m examples.vtab`` end to end on a generated VTAB-1k task folder with a tiny random timm ViT."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from examples import vtab
+from pyro_ibdr import experiment
+from pyro_ibdr.data import vtab as vtab_data
+from tests._dummies.cli import error_message
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 210)]  # three flat-colour classes of the 10 EuroSAT labels
+TINY = ["--task", "eurosat", "--model", "test_vit", "--img-size", "32", "--particles", "2", "--epochs", "1",
+        "--batch-size", "16", "--threads", "1"]  # timm's 6-block, 64-wide test ViT with random weights
+
+
+def _split(folder: Path, name: str, n: int) -> list[str]:
+    lines = []
+    for i in range(n):
+        label = i % len(COLOURS)
+        relative = f"images/{name}_{i}.png"
+        Image.new("RGB", (8, 8), COLOURS[label]).save(folder / relative)
+        lines.append(f"{relative} {label}\n")
+    return lines
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A VTAB-1k root with an ``eurosat`` folder: 30 train800 + 12 val200 images, 18 test images."""
+    folder = tmp_path / "vtab" / "eurosat"
+    (folder / "images").mkdir(parents=True)
+    train, val, test = _split(folder, "train", 30), _split(folder, "val", 12), _split(folder, "test", 18)
+    for split, lines in (("train800", train), ("val200", val), ("train800val200", train + val), ("test", test)):
+        (folder / f"{split}.txt").write_text("".join(lines))
+    return tmp_path / "vtab"
+
+
+def _invoke(data_dir: Path, output: Path, methods: str = "map,ibdr", *extra: str) -> Result:
+    return CliRunner().invoke(vtab.main, ["--data-dir", str(data_dir), "--output", str(output),
+                                          "--methods", methods, *TINY, *extra])
+
+
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record, in order, each file list the data code reads and each fit() call that returns."""
+    log: list[tuple[str, str]] = []
+    real_read, real_fit = vtab_data.read_file_list, experiment.fit
+
+    def read_file_list(path: str | Path) -> list[tuple[str, int]]:
+        log.append(("read", Path(path).name))
+        return real_read(path)
+
+    def fit(method: str, *args: object, **kwargs: object) -> object:
+        result = real_fit(method, *args, **kwargs)
+        log.append(("fit returned", method))
+        return result
+
+    monkeypatch.setattr(vtab_data, "read_file_list", read_file_list)
+    monkeypatch.setattr(experiment, "fit", fit)
+    return log
+
+
+def test_cli_end_to_end(data_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    result = _invoke(data_dir, output)
+    assert result.exit_code == 0, result.output
+    for metric in ("accuracy", "ece"):
+        table = next(line for line in result.stdout.splitlines() if line.startswith(metric)).split()
+        assert table == [metric, "map", "ibdr"]
+    lines = result.stdout.splitlines()
+    assert sum(line.split()[:1] == ["eurosat"] for line in lines) == 2  # the task row of each table
+    assert sum(line.split()[:1] == ["mean"] for line in lines) == 2  # the mean row of each table
+    for method in ("map", "ibdr"):  # and one cost line per run
+        assert sum(line.split()[:2] == [method, "eurosat"] for line in lines) == 1
+
+    saved = json.loads((output / "results.json").read_text())
+    config = saved["config"]
+    assert config["tasks"] == ["eurosat"] and config["methods"] == ["map", "ibdr"] and config["model"] == "test_vit"
+    assert (config["img_size"], config["train_split"], config["eval_split"]) == (32, "train800val200", "test")
+    assert {"pyro_ibdr", "torch", "pyro", "peft", "python"} <= set(config["versions"])
+    assert config["settings"]["eurosat"]["particles"] == 2 and config["settings"]["eurosat"]["epochs"] == 1
+    assert [(r["task"], r["method"]) for r in saved["summary"]] == [
+        ("eurosat", "map"), ("eurosat", "ibdr"), ("mean", "map"), ("mean", "ibdr")]
+    runs = {r["method"]: r for r in saved["runs"]}
+    for method, passes, samples in (("map", 1, 1), ("ibdr", 4, 2)):  # IBDR: K = 2 particles, 2 passes each
+        record = runs[method]
+        assert record == json.loads((output / "runs" / f"eurosat__{method}__seed0.json").read_text())
+        assert 0 <= record["metrics"]["accuracy"] <= 1 and 0 <= record["metrics"]["ece"] <= 1
+        cost = record["cost"]
+        assert (cost["passes_per_step"], cost["test_samples"], cost["steps"]) == (passes, samples, 3)  # 42 / 16
+        assert cost["time_per_step_s"] > 0 and cost["peak_memory_mb"] >= 0
+        assert record["settings"]["eval_split"] == "test" and record["settings"]["batch_size"] == 16
+        diagram = output / "reliability" / f"eurosat__{method}__seed0.png"
+        assert diagram.read_bytes()[:4] == b"\x89PNG"
+    with open(output / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["task"], r["method"]) for r in rows] == [(r["task"], r["method"]) for r in saved["summary"]]
+    assert float(rows[0]["accuracy"]) == pytest.approx(runs["map"]["metrics"]["accuracy"])
+
+
+def test_rerun_reuses_finished_records(data_dir: Path, tmp_path: Path, events: list[tuple[str, str]]) -> None:
+    output = tmp_path / "out"
+    assert _invoke(data_dir, output, "map").exit_code == 0
+    record = output / "runs" / "eurosat__map__seed0.json"
+    content, stamp = record.read_bytes(), record.stat().st_mtime_ns
+    events.clear()
+    result = _invoke(data_dir, output, "map,ibdr")
+    assert result.exit_code == 0, result.output
+    assert "[eurosat__map__seed0] finished earlier: reusing its result" in result.stderr
+    assert "[eurosat__map__seed0] running" not in result.stderr and "[eurosat__ibdr__seed0] running" in result.stderr
+    assert [name for kind, name in events if kind == "fit returned"] == ["ibdr"]
+    assert record.read_bytes() == content and record.stat().st_mtime_ns == stamp
+    saved = json.loads((output / "results.json").read_text())
+    assert [r["method"] for r in saved["runs"]] == ["map", "ibdr"]
+
+    (output / "runs" / "eurosat__ibdr__seed0.json").write_text('{"metrics": {"accuracy": 0.')
+    message = error_message(_invoke(data_dir, output, "map,ibdr"))
+    assert "eurosat__ibdr__seed0.json is corrupted" in message and "delete it" in message
+
+
+def test_test_split_is_read_only_after_training(data_dir: Path, tmp_path: Path,
+                                                events: list[tuple[str, str]]) -> None:
+    assert _invoke(data_dir, tmp_path / "out").exit_code == 0
+    first_fit = events.index(("fit returned", "map"))
+    assert ("read", "test.txt") in events and events.index(("read", "test.txt")) > first_fit
+    assert events[:first_fit] == [("read", "train800val200.txt")]
+
+
+def test_select_evaluates_on_val200_and_never_reads_test(data_dir: Path, tmp_path: Path,
+                                                         events: list[tuple[str, str]]) -> None:
+    output = tmp_path / "out"
+    assert _invoke(data_dir, output, "map,ibdr", "--select").exit_code == 0
+    reads = [name for kind, name in events if kind == "read"]
+    assert "test.txt" not in reads and reads[0] == "train800.txt"
+    assert events.index(("read", "val200.txt")) > events.index(("fit returned", "map"))
+    saved = json.loads((output / "results.json").read_text())
+    assert (saved["config"]["train_split"], saved["config"]["eval_split"]) == ("train800", "val200")
+    assert all(r["settings"]["eval_split"] == "val200" for r in saved["runs"])
+    assert all(r["cost"]["steps"] == 2 for r in saved["runs"])  # 30 train800 images in batches of 16
+
+
+def test_bad_methods_and_tasks_are_refused(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_download() -> Path:
+        raise AssertionError("the offline CIFAR-10 task must not be prepared for a refused command")
+
+    monkeypatch.setattr(vtab, "ensure_cifar10_vtab", no_download)
+    message = error_message(_invoke(data_dir, tmp_path / "out", "map,mystery"))
+    assert "unknown methods ['mystery']" in message and "ibdr" in message and "--methods" in message
+    result = CliRunner().invoke(vtab.main, ["--data-dir", str(data_dir), "--task", "imagenet"])
+    message = error_message(result)
+    assert "'imagenet'" in message and "known tasks" in message and "eurosat" in message and "dtd" in message
+    message = error_message(CliRunner().invoke(vtab.main, ["--task", "eurosat"]))
+    assert "--task" in message and "only the offline 'cifar10' task" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_folders_and_file_lists_are_named(data_dir: Path, tmp_path: Path) -> None:
+    message = error_message(_invoke(tmp_path / "absent", tmp_path / "out"))
+    assert "no folder for task 'eurosat'" in message and "absent" in message
+    (data_dir / "eurosat" / "test.txt").unlink()
+    message = error_message(_invoke(data_dir, tmp_path / "out", "map"))
+    assert "file list not found" in message and "test.txt" in message
+    assert not list((tmp_path / "out").glob("runs/*.json"))  # an unevaluated run leaves no record
+    (data_dir / "eurosat" / "train800val200.txt").unlink()
+    message = error_message(_invoke(data_dir, tmp_path / "out", "map"))
+    assert "file list not found" in message and "train800val200.txt" in message
+
+
+def test_help_documents_every_option() -> None:
+    result = CliRunner().invoke(vtab.main, ["--help"])
+    assert result.exit_code == 0
+    options = [p for p in vtab.main.params if isinstance(p, click.Option)]
+    assert len(options) >= 25
+    for option in options:
+        for name in (*option.opts, *option.secondary_opts):
+            assert name in result.output, name
+        assert option.help, option.name
