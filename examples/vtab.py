@@ -1,8 +1,9 @@
 """VTAB-1k: fine-tune a pretrained ViT with IBDR and baselines; report accuracy and ECE (paper Tables 1–2).
 
 With no arguments it runs offline: a DINOv2-S/14 ViT and 1,000 real CIFAR-10 photographs for training
-(2,000 for test) that come from package registries (``pyro_ibdr.assets``), at 56 px for 3 epochs. With
-``--data-dir`` it reads VTAB-1k task folders and, by default, the ViT-B/16 pretrained on ImageNet-21k.
+(the first 1,000 of 2,000 for test) that come from package registries (``pyro_ibdr.assets``), at 56 px,
+K = 2, 3 epochs. With ``--data-dir`` it reads VTAB-1k task folders and, by default, the ViT-B/16
+pretrained on ImageNet-21k.
 
     python -m examples.vtab
     python -m examples.vtab --data-dir ~/data/vtab-1k --task all --checkpoint ViT-B_16.npz --preset official
@@ -22,7 +23,14 @@ from torch.utils.data import DataLoader
 
 from pyro_ibdr.assets.cifar10 import ensure_cifar10_vtab
 from pyro_ibdr.checkpoint import library_versions
-from pyro_ibdr.data.vtab import TASKS, PreloadedDataset, VTABDataset, get_task, resolve_task_dir
+from pyro_ibdr.data.vtab import (
+    TASKS,
+    PreloadedDataset,
+    VTABDataset,
+    get_task,
+    randaugment_flip,
+    resolve_task_dir,
+)
 from pyro_ibdr.experiment import (
     ResultStore,
     Unit,
@@ -57,6 +65,12 @@ def build_net(task: str, *, offline: bool, model_name: str, checkpoint: Path | N
     return peft.get_peft_model(split_qkv(vit), vit_lora_config(rank, lora_alpha, targets=targets))
 
 
+def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
+    """One line per epoch on stderr (the progress bar shows only on a terminal)."""
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "lambda", "diversity", "kl", "sigma"))
+    click.echo(f"[{unit.key}] epoch {epoch + 1}: {terms}", err=True)
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="VTAB-1k root with one folder per task; default: the offline CIFAR-10 task in the cache.")
@@ -65,7 +79,8 @@ def build_net(task: str, *, offline: bool, model_name: str, checkpoint: Path | N
                    "all with --data-dir.")
 @click.option("--methods", default="ibdr,svgd,bbb,map", callback=_split_csv,
               help=f"Comma-separated methods: {', '.join(sorted(METHODS))}.")
-@click.option("--particles", type=int, default=None, help="K particles (default 4, or the official per-task K).")
+@click.option("--particles", type=click.IntRange(min=1), default=None,
+              help="K particles (default 2 offline, 4 otherwise, or the official per-task K).")
 @click.option("--epochs", type=int, default=None, help="Epochs (default 3 offline, 150 with --preset official).")
 @click.option("--seed", "seeds", type=int, multiple=True, default=(0,), help="Seeds; repeat for several.")
 @click.option("--model", "model_name", default=DEFAULT_VIT, help="timm architecture of the backbone.")
@@ -78,7 +93,7 @@ def build_net(task: str, *, offline: bool, model_name: str, checkpoint: Path | N
               help="Results folder (JSON, CSV, reliability diagrams); reruns resume from it.")
 @click.option("--preset", type=click.Choice(["paper", "official"]), default="paper",
               help="paper: the paper's objective; official: the authors' code (per-task lr, LoRA rank, ε, clip, K, "
-                   "SGD + warm-up/cosine, mean-of-logits prediction).")
+                   "RandAugment + flips, SGD + warm-up/cosine, mean-of-logits prediction).")
 @click.option("--img-size", type=int, default=None, help="Input side in px (default 56 offline, 224 otherwise).")
 @click.option("--batch-size", type=int, default=None, help="Minibatch size (default 32; 64 official).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default 2e-3 Adam; per task official).")
@@ -88,10 +103,12 @@ def build_net(task: str, *, offline: bool, model_name: str, checkpoint: Path | N
 @click.option("--sigma", type=float, default=0.0, help="IBDR's shared σ of the particle Gaussians.")
 @click.option("--alpha", "diversity_weight", type=float, default=None, help="IBDR diversity weight α.")
 @click.option("--rho", type=float, default=None, help="IBDR Wasserstein radius ρ (units of the transport cost).")
-@click.option("--num-samples", type=int, default=4, help="Posterior samples at test time (Gaussian posteriors).")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None,
+              help="Posterior samples at test time for non-particle posteriors (default: K, the same ensemble size).")
 @click.option("--select", is_flag=True,
               help="Hyper-parameter selection: train on train800 and evaluate on val200 (never the test split).")
-@click.option("--max-test", type=int, default=None, help="Evaluate on the first N test images only.")
+@click.option("--max-test", type=click.IntRange(min=1), default=None,
+              help="Evaluate on the first N test images only (default 1000 offline, all otherwise).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
 def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpoint, pretrained, device, output,
          preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, sigma, diversity_weight, rho,
@@ -115,6 +132,7 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="--task") from error
     official = preset == "official"
+    max_test = max_test or (1000 if offline else None)
     img_size = img_size or (56 if offline else 224)
     normalization = "imagenet" if offline else "half"
     train_split, eval_split = ("train800", "val200") if select else ("train800val200", "test")
@@ -125,7 +143,7 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
             "lr": lr or (tuned.lr if tuned else 2e-3),
             "rank": rank or (tuned.rank if tuned else 8),
             "lora_alpha": lora_alpha or (tuned.alpha if tuned else (rank or 8)),
-            "particles": particles or (tuned.particles if tuned else 4),
+            "particles": particles or (tuned.particles if tuned else (2 if offline else 4)),
             "epsilon": tuned.epsilon if tuned else 0.03,
             "clip": tuned.clip if tuned else 0.2,
             "epochs": epochs or (OFFICIAL_SCHEDULE["epochs"] if official else 3),
@@ -141,7 +159,9 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
     def dataset(task: str, split: str) -> PreloadedDataset:
         if (task, split) not in datasets:
             raw = VTABDataset(data_dir, task, split, img_size=img_size, normalization=normalization)
-            datasets[task, split] = PreloadedDataset(raw)
+            tuned = official_vtab_settings(task) if official and task in VTAB_TASKS else None
+            augment = randaugment_flip() if tuned is not None and tuned.augment and split == train_split else None
+            datasets[task, split] = PreloadedDataset(raw, augment)
         return datasets[task, split]
 
     def test_loader(task: str):
@@ -169,6 +189,7 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
             "optim": optim,
             "schedule": "warmup_cosine" if official else "constant",
             "progress": True,
+            "callbacks": [partial(log_epoch, unit)],
             **method_options(unit.method, s["particles"], {"ibdr": ibdr_options}),
         }
         net = partial(build_net, unit.task, offline=offline, model_name=model_name, checkpoint=checkpoint,
@@ -177,7 +198,8 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
         ensemble = "mean_logits" if official and unit.method == "ibdr" else "mean_probs"
         record = train_and_evaluate(unit, build_net=net, train_loader=loader,
                                     test_loader=partial(test_loader, unit.task), num_data=len(train),
-                                    fit_options=fit_options, num_samples=num_samples, ensemble=ensemble,
+                                    fit_options=fit_options, num_samples=num_samples or s["particles"],
+                                    ensemble=ensemble,
                                     output=output, device=device)
         return {**record, "settings": {**s, "eval_split": eval_split, "ensemble": ensemble}}
 

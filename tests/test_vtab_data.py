@@ -15,6 +15,7 @@ from PIL import Image
 
 from pyro_ibdr.assets import cifar10, fetch
 from pyro_ibdr.data import TASKS, PreloadedDataset, VTABDataset, get_task, read_file_list, resolve_task_dir
+from pyro_ibdr.data.vtab import randaugment_flip
 
 PER_CLASS = 6
 COLOURS = [(25 * c, 255 - 25 * c, (70 * c) % 256) for c in range(10)]  # one flat colour per class
@@ -200,3 +201,25 @@ def test_dataset_checks_labels_and_missing_images(tmp_path: Path) -> None:
     assert data[0][0].shape == (3, 8, 8)
     with pytest.raises(FileNotFoundError, match=r"gone\.jpg"):
         data[1]
+
+
+def test_preloaded_dataset_applies_the_augmentation_per_access(tmp_path):
+    data_dir = _tiny_task_for_augmentation(tmp_path)
+    plain = PreloadedDataset(VTABDataset(data_dir, "eurosat", "train800val200", img_size=16))
+    augmented = PreloadedDataset(VTABDataset(data_dir, "eurosat", "train800val200", img_size=16), randaugment_flip())
+    torch.manual_seed(0)
+    views = torch.stack([augmented[0][0] for _ in range(8)])
+    assert views.shape == (8, 3, 16, 16) and views.dtype == torch.float32
+    assert not all(torch.equal(v, plain[0][0]) for v in views)
+    assert torch.equal(plain[0][0], plain[0][0])
+
+
+def _tiny_task_for_augmentation(root):
+    folder = root / "eurosat"
+    folder.mkdir(parents=True)
+    gradient = torch.linspace(0, 255, 16).to(torch.uint8)
+    flat = torch.full((16, 16), 30, dtype=torch.uint8)
+    image = torch.stack([gradient.expand(16, 16), gradient.expand(16, 16).T, flat])
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / "a.png")
+    (folder / "train800val200.txt").write_text("a.png 3\n")
+    return root
