@@ -2,7 +2,7 @@
 
 With no arguments it runs offline: a DINOv2-S/14 ViT and 1,000 real CIFAR-10 photographs for training
 (the first 1,000 of 2,000 for test) that come from package registries (``pyro_ibdr.assets``), at 56 px,
-K = 2, 3 epochs. With ``--data-dir`` it reads VTAB-1k task folders and, by default, the ViT-B/16
+K = 2, 2 epochs. With ``--data-dir`` it reads VTAB-1k task folders and, by default, the ViT-B/16
 pretrained on ImageNet-21k.
 
     python -m examples.vtab
@@ -81,7 +81,8 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
               help=f"Comma-separated methods: {', '.join(sorted(METHODS))}.")
 @click.option("--particles", type=click.IntRange(min=1), default=None,
               help="K particles (default 2 offline, 4 otherwise, or the official per-task K).")
-@click.option("--epochs", type=int, default=None, help="Epochs (default 3 offline, 150 with --preset official).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs (default 2 offline, 150 with --data-dir as in the authors' configs).")
 @click.option("--seed", "seeds", type=int, multiple=True, default=(0,), help="Seeds; repeat for several.")
 @click.option("--model", "model_name", default=DEFAULT_VIT, help="timm architecture of the backbone.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
@@ -146,7 +147,7 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
             "particles": particles or (tuned.particles if tuned else (2 if offline else 4)),
             "epsilon": tuned.epsilon if tuned else 0.03,
             "clip": tuned.clip if tuned else 0.2,
-            "epochs": epochs or (OFFICIAL_SCHEDULE["epochs"] if official else 3),
+            "epochs": epochs or (2 if offline else OFFICIAL_SCHEDULE["epochs"]),
             "batch_size": batch_size or (OFFICIAL_SCHEDULE["batch_size"] if official else 32),
         }
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
+import pyro
 import torch
+from pyro import poutine
 from pyro.infer import Predictive
 
 from .functional import Inputs
@@ -13,6 +15,7 @@ from .model import LOGITS, THETA, BayesianLoRA
 from .posterior import Posterior
 
 PosteriorLike = Callable | Mapping[str, torch.Tensor] | Posterior
+PREDICTIVE_PLATE = "_predictive_samples"
 
 
 @contextmanager
@@ -26,11 +29,28 @@ def training_mode(net: torch.nn.Module, enabled: bool) -> Iterator[None]:
         net.train(was_training)
 
 
-def _predict(model: BayesianLoRA, x: Inputs, num_samples: int, dropout: bool, **source) -> torch.Tensor:
-    """Run ``Predictive`` with ``posterior_samples=`` or ``guide=`` and return probabilities (S, B, C)."""
-    predictive = Predictive(model, num_samples=num_samples, return_sites=[LOGITS], parallel=True, **source)
-    with torch.no_grad(), training_mode(model.net, dropout):
+def _predict_guide(model: BayesianLoRA, x: Inputs, guide: Callable, num_samples: int) -> torch.Tensor:
+    """Probabilities (S, B, C) through ``Predictive(guide=..., parallel=True)``."""
+    predictive = Predictive(model, guide=guide, num_samples=num_samples, return_sites=[LOGITS], parallel=True)
+    with torch.no_grad():
         logits = predictive(x)[LOGITS]
+    return logits.reshape(num_samples, *logits.shape[-2:]).softmax(-1)
+
+
+def _predict_samples(model: BayesianLoRA, x: Inputs, samples: Mapping[str, torch.Tensor],
+                     dropout: bool) -> torch.Tensor:
+    """Probabilities (S, B, C) of the model conditioned on stored θ samples in one vectorised pass.
+
+    This is the last step of ``Predictive(posterior_samples=..., parallel=True)``; Predictive itself would
+    first run the model twice more to infer plate nesting and site shapes, which ``BayesianLoRA`` states.
+    """
+    theta = samples[THETA]
+    num_samples = theta.shape[0]
+    theta = theta.reshape(num_samples, *([1] * model.max_plate_nesting), theta.shape[-1])
+    plate = pyro.plate(PREDICTIVE_PLATE, num_samples, dim=-(model.max_plate_nesting + 1))
+    with torch.no_grad(), training_mode(model.net, dropout), plate:
+        trace = poutine.trace(poutine.condition(model, data={THETA: theta})).get_trace(x)
+    logits = trace.nodes[LOGITS]["value"]
     return logits.reshape(num_samples, *logits.shape[-2:]).softmax(-1)
 
 
@@ -44,18 +64,17 @@ def _as_samples(posterior: Mapping[str, torch.Tensor] | Posterior, num_samples: 
 def predictive_probs(model: BayesianLoRA, posterior: PosteriorLike, x: Inputs, num_samples: int = 8) -> torch.Tensor:
     """Per-sample class probabilities p(y | x, θ_s), shape (S, B, C), with θ_s drawn from the posterior.
 
-    :param posterior: a guide (drawn ``num_samples`` times in one vectorised pass; a
-        :class:`~pyro_ibdr.ParticleGuide` stratifies the draws over its components), a
+    :param posterior: a guide (drawn ``num_samples`` times by ``pyro.infer.Predictive`` in one vectorised
+        pass; a :class:`~pyro_ibdr.ParticleGuide` stratifies the draws over its components), a
         :class:`~pyro_ibdr.posterior.Posterior`, or explicit samples ``{"theta": (S, D)}`` (S overrides
-        ``num_samples``).
+        ``num_samples``); samples are evaluated in one conditioned, vectorised pass of the model.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     if isinstance(posterior, Posterior | Mapping):
-        samples = _as_samples(posterior, num_samples)
-        return _predict(model, x, samples[THETA].shape[0], dropout, posterior_samples=samples)
-    return _predict(model, x, num_samples, dropout, guide=posterior)
+        return _predict_samples(model, x, _as_samples(posterior, num_samples), dropout)
+    return _predict_guide(model, x, posterior, num_samples)
 
 
 def predict_loader(
@@ -70,8 +89,7 @@ def predict_loader(
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     probs, targets = [], []
     for x, y in loader:
-        batch = _predict(model, to_device(x, device), samples[THETA].shape[0], dropout, posterior_samples=samples)
-        probs.append(batch.cpu())
+        probs.append(_predict_samples(model, to_device(x, device), samples, dropout).cpu())
         targets.append(y.cpu())
     if not probs:
         raise ValueError("the loader yielded no batches")

@@ -56,7 +56,7 @@ def test_save_load_gives_identical_predictions(tmp_path, model, index):
     assert (loaded.method, loaded.seed, loaded.state) == ("ibdr", 7, {"lambda": 2.5})
     assert loaded.config == {"lr": 0.02, "targets": ["fc1", "fc2"], "rank": 4}
     assert loaded.spec == model.spec
-    assert set(loaded.versions) == {"pyro_ibdr", "torch", "pyro", "peft"}
+    assert set(loaded.versions) == {"pyro_ibdr", "torch", "pyro", "peft", "transformers", "timm", "torchvision"}
     assert loaded.versions["torch"].split("+")[0] == torch.__version__.split("+")[0]
     check_compatible(loaded, model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]  # no temporary files left
