@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import pyro
 import torch
 
 from .evaluation import fixed_draws
@@ -185,6 +186,7 @@ def train_and_evaluate(
     ``test_loader`` is called only after training, so test data is never read before training ends.
     Returns a JSON-ready record: test metrics, the cost of training, the per-epoch history and method state.
     """
+    pyro.set_rng_seed(unit.seed)  # the LoRA initialisation must not depend on the units that ran before
     model = BayesianLoRA(build_net().to(device), num_data=num_data)
     result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, **fit_options)
     samples = test_time_samples(result.posterior, num_samples)
