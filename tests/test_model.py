@@ -23,7 +23,7 @@ def test_flat_theta_covers_lora_factors_and_head():
 def test_vectorised_forward_equals_loop(make_net):
     net = make_net().eval()
     x = torch.rand(5, 64) if make_net is lora_mlp else torch.rand(5, 1, 8, 8)
-    vectorised = BayesianLoRA(net, num_data=10)
+    vectorised = BayesianLoRA(net, num_data=10, vectorize=True)
     looped = BayesianLoRA(net, num_data=10, vectorize=False)
     theta = vectorised.init_particles(3) + 0.1 * torch.randn(3, vectorised.dim)
     expected = torch.stack([vectorised.logits(t, x) for t in theta])
@@ -33,8 +33,9 @@ def test_vectorised_forward_equals_loop(make_net):
     assert vectorised.logits(theta.unsqueeze(1), x).shape == (3, 5, 10)
 
 
-def test_dropout_is_independent_per_particle():
-    model = BayesianLoRA(lora_mlp(dropout=0.5).train(), num_data=10)
+@pytest.mark.parametrize("vectorize", [True, False, None])
+def test_dropout_is_independent_per_particle(vectorize):
+    model = BayesianLoRA(lora_mlp(dropout=0.5).train(), num_data=10, vectorize=vectorize)
     theta = model.theta0.expand(2, -1)
     logits = model.logits(theta, torch.rand(8, 64))
     assert not torch.allclose(logits[0], logits[1])
