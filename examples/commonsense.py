@@ -72,15 +72,15 @@ def load_backbone(name: str, *, load_in_8bit: bool) -> tuple[object, torch.nn.Mo
 
 
 def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choices: int, rank: int,
-              lora_alpha: float, lm_head: bool) -> torch.nn.Module:
+              lora_alpha: float, lm_head: bool, lora_dropout: float = 0.0) -> torch.nn.Module:
     """Answer-letter classifier (causal LM) or multiple-choice head (encoder), with LoRA on q and v."""
     if is_encoder:
-        config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=["query", "value"],
-                                 modules_to_save=["classifier"])
+        config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                 target_modules=["query", "value"], modules_to_save=["classifier"])
         return peft.get_peft_model(EncoderChoiceClassifier(backbone), config)
     ids = answer_token_ids(tokenizer, LETTERS[:n_choices])
     targets = ["q_proj", "v_proj", *(["lm_head"] if lm_head else [])]
-    config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=targets)
+    config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
     return peft.get_peft_model(AnswerTokenClassifier(backbone, ids), config)
 
 
@@ -114,6 +114,8 @@ def _split_csv(_ctx, _param, value: str) -> list[str]:
 @click.option("--rank", type=int, default=8, help="LoRA rank.")
 @click.option("--lora-alpha", type=float, default=16.0, help="LoRA alpha.")
 @click.option("--lm-head", is_flag=True, help="Also put LoRA on the LM head.")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              help="Dropout on the LoRA input (needed by mc_dropout).")
 @click.option("--alpha", "diversity_weight", type=float, default=None,
               help="IBDR diversity weight (forced to 0 on two-choice tasks, where K > C − 1).")
 @click.option("--num-samples", type=int, default=10, help="Posterior samples at test (BLoB: 10).")
@@ -125,8 +127,8 @@ def _split_csv(_ctx, _param, value: str) -> list[str]:
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/commonsense"),
               help="Folder for runs/, reliability/, results.json and results.csv; finished runs are reused.")
 def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods, particles, steps, batch_size,
-         max_length, lr, rank, lora_alpha, lm_head, diversity_weight, num_samples, max_train, max_test, seeds,
-         device, threads, output) -> None:
+         max_length, lr, rank, lora_alpha, lm_head, lora_dropout, diversity_weight, num_samples, max_train,
+         max_test, seeds, device, threads, output) -> None:
     """Fine-tune an LLM (or encoder) with LoRA on commonsense multiple-choice tasks; print ACC/ECE/NLL tables."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -151,7 +153,8 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
     def fresh_net(task: str) -> torch.nn.Module:
         """A copy of the loaded backbone with a new LoRA (peft injects adapters in place)."""
         return build_net(copy.deepcopy(backbone), tokenizer, is_encoder=is_encoder,
-                         n_choices=splits[task].n_choices, rank=rank, lora_alpha=lora_alpha, lm_head=lm_head)
+                         n_choices=splits[task].n_choices, rank=rank, lora_alpha=lora_alpha, lm_head=lm_head,
+                         lora_dropout=lora_dropout)
 
     def run_unit(unit: Unit) -> dict:
         split = splits[unit.task]
@@ -180,7 +183,8 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
         "options": cli_options(), "tasks": tasks, "source": source, "model": model_name, "methods": methods,
         "seeds": list(seeds), "particles": particles, "steps": steps, "batch_size": batch_size,
         "max_length": max_length, "lr": lr, "optimizer": "adamw", "rank": rank, "lora_alpha": lora_alpha,
-        "lm_head": lm_head, "num_samples": num_samples, "device": device, "threads": torch.get_num_threads(),
+        "lm_head": lm_head, "lora_dropout": lora_dropout, "num_samples": num_samples, "device": device,
+        "threads": torch.get_num_threads(),
         "versions": {**library_versions(), "python": platform.python_version()},
     }
     rows = write_summary(output, records, config, metrics=("accuracy", "ece", "nll", "brier"))

