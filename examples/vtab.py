@@ -34,7 +34,9 @@ from pyro_ibdr.data.vtab import (
 from pyro_ibdr.experiment import (
     ResultStore,
     Unit,
+    check_methods,
     cli_options,
+    comma_separated,
     method_options,
     report,
     run_grid,
@@ -47,10 +49,6 @@ from pyro_ibdr.vision import DEFAULT_VIT, create_offline_vit, create_vit, split_
 
 VTAB_TASKS = [name for name in TASKS if name != "cifar10"]
 OFFLINE_TASK = "cifar10"
-
-
-def _split_csv(_ctx, _param, value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def build_net(task: str, *, offline: bool, model_name: str, checkpoint: Path | None, pretrained: bool,
@@ -75,10 +73,10 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.command(context_settings={"show_default": True})
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="VTAB-1k root with one folder per task; default: the offline CIFAR-10 task in the cache.")
-@click.option("--task", "tasks", default=None, callback=lambda c, p, v: _split_csv(c, p, v) if v else None,
+@click.option("--task", "tasks", default=None, callback=lambda c, p, v: comma_separated(c, p, v) if v else None,
               help="Task name(s), comma-separated, or 'all' (the 19 VTAB-1k tasks). Default: cifar10 offline, "
                    "all with --data-dir.")
-@click.option("--methods", default="ibdr,svgd,bbb,map", callback=_split_csv,
+@click.option("--methods", default="ibdr,svgd,bbb,map", callback=comma_separated,
               help=f"Comma-separated methods: {', '.join(sorted(METHODS))}.")
 @click.option("--particles", type=click.IntRange(min=1), default=None,
               help="K particles (default 2 offline, 4 otherwise, or the official per-task K).")
@@ -118,9 +116,7 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
          preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, lora_dropout, sigma, diversity_weight, rho,
          num_samples, select, max_test, threads) -> None:
     """Fine-tune a ViT on VTAB-1k tasks with IBDR and baselines; print and save accuracy/ECE tables."""
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise click.BadParameter(f"unknown methods {unknown}; known: {sorted(METHODS)}", param_hint="--methods")
+    check_methods(methods)
     torch.set_num_threads(threads or os.cpu_count() or 1)
     offline = data_dir is None
     if offline:

@@ -16,6 +16,7 @@ import torch
 
 from .evaluation import fixed_draws
 from .io import write_csv, write_json
+from .methods import METHODS
 from .metrics import ensemble_probs, evaluate_predictions
 from .model import BayesianLoRA
 from .plots import reliability_diagram
@@ -133,6 +134,21 @@ def report(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) ->
         lines.append(f"{r['method']:<12}{r['task']:<22}{r['seed']:5d}{c['time_per_step_s']:8.2f}{c['passes_per_step']:13d}"
                      f"{c['test_samples']:4d}{c['wall_time_s']:9.0f}{c['eval_time_s']:8.0f}{c['peak_memory_mb']:9.0f}")
     return "\n".join(lines)
+
+
+def comma_separated(_ctx: click.Context | None, _param: click.Parameter | None, value: str) -> list[str]:
+    """click callback: ``"a, b"`` → ``["a", "b"]``; an empty list is a usage error."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise click.BadParameter(f"needs at least one comma-separated name, got {value!r}")
+    return names
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    """A usage error naming unknown methods and listing the registered ones."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise click.BadParameter(f"unknown methods {unknown}; known: {sorted(METHODS)}", param_hint="--methods")
 
 
 def cli_options() -> dict[str, Any]:
