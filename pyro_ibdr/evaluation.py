@@ -1,4 +1,4 @@
-"""Evaluate a posterior on a data loader: predictive metrics, OOD detection and the reliability diagram.
+"""Evaluate a posterior on a data loader: predictive metrics and OOD detection.
 
 Every batch, in-distribution or OOD, is predicted with the same S draws θ_1..θ_S from the posterior, so
 the metrics describe one fixed ensemble.
@@ -6,16 +6,13 @@ the metrics describe one fixed ensemble.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .metrics import EnsembleMode, ensemble_probs, evaluate_predictions, ood_metrics, uncertainty_scores
+from .metrics import EnsembleMode, evaluate_predictions, ood_metrics, uncertainty_scores
 from .model import THETA, BayesianLoRA
-from .plots import reliability_diagram
 from .posterior import EmpiricalPosterior, Posterior
 from .predictive import predict_loader
 
@@ -68,26 +65,3 @@ def evaluate(
             for name, value in ood_metrics(in_scores[score], out_scores[score]).items():
                 results[f"ood_{score}_{name}"] = value
     return results
-
-
-def write_reliability_diagram(
-    model: BayesianLoRA,
-    posterior: Posterior,
-    loader: Iterable[tuple[Any, torch.Tensor]],
-    path: str | os.PathLike[str],
-    *,
-    num_samples: int = 8,
-    n_bins: int = 15,
-    ensemble: EnsembleMode = "mean_probs",
-    title: str | None = None,
-    device: torch.device | str | None = None,
-    seed: int = 0,
-) -> Path:
-    """Write the reliability diagram of the posterior's ensemble on ``loader`` to ``path`` (e.g. a PNG).
-
-    The default title names the ensemble mode.
-    """
-    draws = fixed_draws(posterior, num_samples, seed)
-    probs, targets = predict_loader(model, draws, loader, num_samples, device=device)
-    title = title if title is not None else f"Reliability ({ensemble}, S = {num_samples})"
-    return reliability_diagram(ensemble_probs(probs, ensemble), targets, path, n_bins=n_bins, title=title)

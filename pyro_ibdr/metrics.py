@@ -5,7 +5,8 @@ shape (S, B, C) (S posterior samples or particles, B examples, C classes) and in
 The ensemble (Bayesian model average) is p̄ = (1/S) Σ_s p_s unless stated otherwise. Inputs are checked
 (rows must sum to 1 within ``SUM_TOLERANCE``) and then handled in float64 with rows renormalised; every
 scalar metric comes back as a Python float. Calibration and OOD metrics come from torchmetrics, which
-computes them in float32; NLL, Brier, adaptive ECE and the diversity terms are computed here.
+computes them in float32; NLL, Brier, adaptive ECE and the diversity terms are computed here. torchmetrics is
+imported on first use (it pulls in scipy and transformers), so that ``import pyro_ibdr`` stays light.
 """
 
 from __future__ import annotations
@@ -15,13 +16,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import (
-    binary_auroc,
-    binary_average_precision,
-    binary_roc,
-    multiclass_accuracy,
-    multiclass_calibration_error,
-)
 
 from pyro_ibdr.diversity import dpp_log_volume
 
@@ -224,6 +218,8 @@ def classification_metrics(probs: Tensor, targets: Tensor, n_bins: int = 15) -> 
     p = _check_probs(probs, "probs", 2)
     num_classes = p.shape[1]
     t = _check_targets(targets, p.shape[0], num_classes, p.device)
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
+
     accuracy = multiclass_accuracy(p, t, num_classes=num_classes, average="micro")
     ece = multiclass_calibration_error(p, t, num_classes=num_classes, n_bins=n_bins, norm="l1")
     true_prob = p.gather(1, t.unsqueeze(1)).squeeze(1)
@@ -326,6 +322,8 @@ def ood_metrics(in_scores: Tensor, out_scores: Tensor) -> dict[str, float]:
     s_out = _check_scores(out_scores, "out_scores")
     preds = _ranks_in_unit_interval(torch.cat([s_in, s_out]))
     labels = torch.cat([torch.zeros_like(s_in), torch.ones_like(s_out)]).long()
+    from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_roc
+
     fpr, tpr, _ = binary_roc(preds, labels)
     return {
         "auroc": float(binary_auroc(preds, labels)),

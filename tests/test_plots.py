@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pyro_ibdr.plots import reliability_diagram
+from pyro_ibdr.experiments.plots import reliability_diagram
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -8,14 +8,14 @@ from peft import LoraConfig, get_peft_model
 from torch.func import functional_call, vmap
 from transformers import BertConfig, BertForMultipleChoice
 
-from pyro_ibdr.data.commonsense import (
+from pyro_ibdr.experiments.data.commonsense import (
     EncoderChoiceCollator,
     MCRecord,
     MultipleChoiceCollator,
     answer_token_ids,
     build_prompt,
 )
-from pyro_ibdr.text import AnswerTokenClassifier, EncoderChoiceClassifier, last_real_position
+from pyro_ibdr.experiments.text import AnswerTokenClassifier, EncoderChoiceClassifier, last_real_position
 from tests._dummies.text import make_tokenizer, tiny_lm
 
 LETTERS = "ABCD"
@@ -169,7 +169,7 @@ def test_encoder_choice_classifier_with_lora():
 
 
 def test_model_assets_locate_files_and_load_minilm_folder(tmp_path, monkeypatch):
-    from pyro_ibdr.assets import minilm, smollm2
+    from pyro_ibdr.experiments.assets import minilm, smollm2
 
     monkeypatch.setattr(smollm2, "package_root", lambda *args, **kwargs: tmp_path)
     monkeypatch.setattr(minilm, "package_root", lambda *args, **kwargs: tmp_path)

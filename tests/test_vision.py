@@ -11,9 +11,9 @@ from peft import get_peft_model
 from safetensors.torch import save_file
 from torch import nn
 
-from pyro_ibdr import vision
-from pyro_ibdr.assets import dinov2
-from pyro_ibdr.vision import SplitQKV, create_offline_vit, create_vit, split_qkv, vit_lora_config
+from pyro_ibdr.experiments import vision
+from pyro_ibdr.experiments.assets import dinov2
+from pyro_ibdr.experiments.vision import SplitQKV, create_offline_vit, create_vit, split_qkv, vit_lora_config
 
 TINY = {"depth": 2, "embed_dim": 24, "num_heads": 2}
 

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from examples import vtab
-from pyro_ibdr import experiment
-from pyro_ibdr.data import vtab as vtab_data
+from pyro_ibdr.experiments import grid as experiment
+from pyro_ibdr.experiments import vtab
+from pyro_ibdr.experiments.data import vtab as vtab_data
 from tests._dummies.cli import assert_help_documents_every_option, error_message
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 210)]  # three flat-colour classes of the 10 EuroSAT labels

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pyro_ibdr.assets import cifar10, fetch
-from pyro_ibdr.data import TASKS, PreloadedDataset, VTABDataset, get_task, read_file_list, resolve_task_dir
-from pyro_ibdr.data.vtab import randaugment_flip
+from pyro_ibdr.experiments.assets import cifar10, fetch
+from pyro_ibdr.experiments.data import TASKS, PreloadedDataset, VTABDataset, get_task, read_file_list, resolve_task_dir
+from pyro_ibdr.experiments.data.vtab import randaugment_flip
 
 PER_CLASS = 6
 COLOURS = [(25 * c, 255 - 25 * c, (70 * c) % 256) for c in range(10)]  # one flat colour per class

@@ -1,15 +1,16 @@
-"""Inference methods on one Bayesian LoRA model; each is one small module registered by name."""
+"""Inference methods on one Bayesian LoRA model; each is one small module (a config dataclass and a class)
+registered by name."""
 
-from .base import METHODS, Method, OptimSettings, create_method, set_learning_rate
-from .bbb import BayesByBackprop
-from .ensemble import DeepEnsemble
-from .ibdr import IBDR
-from .map import MAP
-from .mc_dropout import MCDropout
-from .sa_bnn import SABNN
-from .sam import SAM
-from .sgld import SGLD
-from .svgd import SteinVGD
+from .base import METHODS, Method, MethodConfig, OptimSettings, create_method
+from .bbb import BayesByBackprop, BBBConfig
+from .ensemble import DeepEnsemble, EnsembleConfig
+from .ibdr import IBDR, IBDRConfig
+from .map import MAP, MAPConfig
+from .mc_dropout import MCDropout, MCDropoutConfig
+from .sa_bnn import SABNN, SABNNConfig
+from .sam import SAM, SAMConfig
+from .sgld import SGLD, SGLDConfig
+from .svgd import SteinVGD, SVGDConfig
 
 __all__ = [
     "IBDR",
@@ -18,12 +19,21 @@ __all__ = [
     "SABNN",
     "SAM",
     "SGLD",
+    "BBBConfig",
     "BayesByBackprop",
     "DeepEnsemble",
+    "EnsembleConfig",
+    "IBDRConfig",
+    "MAPConfig",
     "MCDropout",
+    "MCDropoutConfig",
     "Method",
+    "MethodConfig",
     "OptimSettings",
+    "SABNNConfig",
+    "SAMConfig",
+    "SGLDConfig",
+    "SVGDConfig",
     "SteinVGD",
     "create_method",
-    "set_learning_rate",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Literal
 
 import pyro.optim
@@ -49,27 +49,74 @@ def set_learning_rate(optim: pyro.optim.PyroOptim, lr: float) -> None:
             group["lr"] = lr
 
 
+@dataclass(frozen=True)
+class MethodConfig:
+    """The settings of one inference method (as peft's ``LoraConfig``): each method module defines a subclass.
+
+    A config holds plain values only, so a saved run rebuilds its method from ``config.to_dict()``.
+
+    :cvar size_field: the field that sets the ensemble size (K particles, or S training samples), or None.
+    """
+
+    size_field: ClassVar[str | None] = None
+
+    @classmethod
+    def from_options(cls, **options: Any) -> MethodConfig:
+        """Build the config from keyword options; an unknown option is an error naming the valid ones."""
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no option(s) {unknown}; valid options: {sorted(valid)}")
+        return cls(**options)
+
+    def with_size(self, size: int) -> MethodConfig:
+        """A copy with the ensemble size set (unchanged when the method has none)."""
+        return replace(self, **{self.size_field: size}) if self.size_field else self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class Method(ABC):
     """One inference method over a :class:`~pyro_ibdr.BayesianLoRA` model.
 
-    Subclasses set ``name`` (registered on definition), implement :meth:`step` (one minibatch update,
-    returning the terms to log) and :meth:`posterior`, and report :attr:`passes_per_step`: the number of
-    forward+backward passes over B examples one step costs (K particles × ascent passes), the unit in which
-    comparisons state their compute.
+    Subclasses set ``name`` (registered on definition: a subclass without its own ``name`` is not
+    registered, and a name taken by another class is an error) and ``config_class``, implement
+    :meth:`step` (one minibatch update, returning the terms to log) and :meth:`posterior`, and report
+    :attr:`passes_per_step`: the number of forward+backward passes over B examples one step costs
+    (K particles × ascent passes), the unit in which comparisons state their compute. A method that keeps
+    a Pyro optimiser in ``self.optim`` gets its scheduled learning rate through :meth:`set_lr`.
     """
 
     name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if getattr(cls, "name", None):
-            METHODS[cls.name] = cls
+        name = cls.__dict__.get("name")
+        if name is None:
+            return
+        registered = METHODS.get(name)
+        if registered is not None and registered.__qualname__ != cls.__qualname__:
+            raise ValueError(
+                f"method name {name!r} is already registered by {registered.__module__}.{registered.__qualname__}; "
+                "give the new class its own name"
+            )
+        METHODS[name] = cls
 
-    def __init__(self, model: BayesianLoRA, optim: OptimSettings | None = None, *, seed: int = 0) -> None:
+    def __init__(
+        self, model: BayesianLoRA, config: MethodConfig | None = None, optim: OptimSettings | None = None,
+        *, seed: int = 0,
+    ) -> None:
+        config = config if config is not None else self.config_class()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
         self.model = model
+        self.config = config
         self.optim_settings = optim or OptimSettings()
         self.seed = seed
         self.lr = self.optim_settings.lr
+        self.optim: pyro.optim.PyroOptim | None = None
 
     @property
     @abstractmethod
@@ -84,16 +131,27 @@ class Method(ABC):
         """The current posterior (detached copies of the learned tensors)."""
 
     def set_lr(self, lr: float) -> None:
-        """Apply a scheduled learning rate."""
+        """Apply a scheduled learning rate (to ``self.optim`` when the method has one)."""
         self.lr = lr
+        if self.optim is not None:
+            set_learning_rate(self.optim, lr)
 
     def state(self) -> dict[str, Any]:
         """Extra state to checkpoint besides the posterior (e.g. IBDR's λ)."""
         return {}
 
 
-def create_method(name: str, model: BayesianLoRA, **options: Any) -> Method:
-    """Build a registered method by name, e.g. ``create_method("ibdr", model, num_particles=4)``."""
+def create_method(
+    name: str, model: BayesianLoRA, *, optim: OptimSettings | None = None, seed: int = 0, **options: Any
+) -> Method:
+    """Build a registered method by name, e.g. ``create_method("ibdr", model, num_particles=4)``.
+
+    ``options`` are the fields of the method's config class (``METHODS[name].config_class``).
+
+    :raises ValueError: for an unknown name (the message lists the registered ones).
+    :raises TypeError: for an option the method does not have.
+    """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
-    return METHODS[name](model, **options)
+    cls = METHODS[name]
+    return cls(model, cls.config_class.from_options(**options), optim, seed=seed)

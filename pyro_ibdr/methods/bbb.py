@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -15,7 +16,7 @@ from torch.distributions import kl_divergence
 from ..functional import Inputs
 from ..model import THETA, BayesianLoRA
 from ..posterior import GaussianPosterior, Posterior
-from .base import Method, OptimSettings, set_learning_rate
+from .base import Method, MethodConfig, OptimSettings
 
 
 class _ScaleSite(Messenger):
@@ -62,6 +63,30 @@ class MeanFieldGuide:
         return pyro.sample(THETA, dist.Normal(self.loc, self.scale).to_event(1))
 
 
+def check_mean_field(num_samples: int, init_scale: float) -> None:
+    """The checks shared by the mean-field methods' configs."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not init_scale > 0:
+        raise ValueError(f"init_scale must be positive, got {init_scale}")
+
+
+@dataclass(frozen=True)
+class BBBConfig(MethodConfig):
+    """S reparameterised training samples per step, the initial posterior scale, KL-annealing steps T."""
+
+    size_field = "num_samples"
+
+    num_samples: int = 4
+    init_scale: float = 1e-3
+    kl_anneal_steps: int = 0
+
+    def __post_init__(self) -> None:
+        check_mean_field(self.num_samples, self.init_scale)
+        if self.kl_anneal_steps < 0:
+            raise ValueError(f"kl_anneal_steps must be >= 0, got {self.kl_anneal_steps}")
+
+
 class BayesByBackprop(Method):
     """Blundell et al. (2015): q(θ) = N(μ, diag σ²) maximising
 
@@ -75,26 +100,16 @@ class BayesByBackprop(Method):
     """
 
     name = "bbb"
+    config_class = BBBConfig
 
     def __init__(
-        self,
-        model: BayesianLoRA,
-        optim: OptimSettings | None = None,
-        *,
-        seed: int = 0,
-        num_samples: int = 4,
-        init_scale: float = 1e-3,
-        kl_anneal_steps: int = 0,
+        self, model: BayesianLoRA, config: BBBConfig | None = None, optim: OptimSettings | None = None,
+        *, seed: int = 0,
     ) -> None:
-        super().__init__(model, optim, seed=seed)
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if kl_anneal_steps < 0:
-            raise ValueError(f"kl_anneal_steps must be >= 0, got {kl_anneal_steps}")
-        self.num_samples = int(num_samples)
-        self.kl_anneal_steps = int(kl_anneal_steps)
+        super().__init__(model, config, optim, seed=seed)
+        self.num_samples = int(self.config.num_samples)
         self.num_steps = 0
-        self.guide = MeanFieldGuide(model, init_scale, name=self.name)
+        self.guide = MeanFieldGuide(model, self.config.init_scale, name=self.name)
         self.optim = self.optim_settings.pyro_optimizer()
         self.svi = self._build_svi()
 
@@ -104,6 +119,11 @@ class BayesByBackprop(Method):
             num_particles=self.num_samples, vectorize_particles=True, max_plate_nesting=self.model.max_plate_nesting
         )
         return SVI(anneal(self.model), anneal(self.guide), self.optim, elbo)
+
+    @property
+    def kl_anneal_steps(self) -> int:
+        """T, the number of steps over which the KL weight rises to 1 (0: no annealing)."""
+        return self.config.kl_anneal_steps
 
     @property
     def kl_weight(self) -> float:
@@ -134,10 +154,6 @@ class BayesByBackprop(Method):
 
     def posterior(self) -> Posterior:
         return GaussianPosterior(*self.loc_scale())
-
-    def set_lr(self, lr: float) -> None:
-        super().set_lr(lr)
-        set_learning_rate(self.optim, lr)
 
     def state(self) -> dict[str, float | int]:
         return {"num_steps": self.num_steps, "kl_weight": self.kl_weight}

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..losses import IBDRSettings
 from ..model import BayesianLoRA
-from .base import OptimSettings
-from .ibdr import IBDR
+from .base import Method, MethodConfig, OptimSettings
+from .ibdr import IBDR, IBDRConfig
+
+
+@dataclass(frozen=True)
+class EnsembleConfig(MethodConfig):
+    """K members."""
+
+    size_field = "num_particles"
+
+    num_particles: int = 4
 
 
 class DeepEnsemble(IBDR):
@@ -15,8 +27,12 @@ class DeepEnsemble(IBDR):
     """
 
     name = "ensemble"
+    config_class = EnsembleConfig
 
     def __init__(
-        self, model: BayesianLoRA, optim: OptimSettings | None = None, *, seed: int = 0, num_particles: int = 4
+        self, model: BayesianLoRA, config: EnsembleConfig | None = None, optim: OptimSettings | None = None,
+        *, seed: int = 0,
     ) -> None:
-        super().__init__(model, optim, seed=seed, num_particles=num_particles, alpha=0.0, ascent="none", kl="mc")
+        Method.__init__(self, model, config, optim, seed=seed)
+        loss = IBDRSettings(alpha=0.0, ascent="none", kl="mc")
+        self._build(IBDRConfig(num_particles=self.config.num_particles, loss=loss))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, init_to_value
@@ -9,7 +11,12 @@ from pyro.infer.autoguide import AutoDelta, init_to_value
 from ..functional import Inputs
 from ..model import THETA, BayesianLoRA
 from ..posterior import ParticlePosterior, Posterior
-from .base import Method, OptimSettings, set_learning_rate
+from .base import Method, MethodConfig, OptimSettings
+
+
+@dataclass(frozen=True)
+class MAPConfig(MethodConfig):
+    """MAP has no settings beyond the model's prior and the optimiser."""
 
 
 class MAP(Method):
@@ -20,9 +27,13 @@ class MAP(Method):
     """
 
     name = "map"
+    config_class = MAPConfig
 
-    def __init__(self, model: BayesianLoRA, optim: OptimSettings | None = None, *, seed: int = 0) -> None:
-        super().__init__(model, optim, seed=seed)
+    def __init__(
+        self, model: BayesianLoRA, config: MAPConfig | None = None, optim: OptimSettings | None = None,
+        *, seed: int = 0,
+    ) -> None:
+        super().__init__(model, config, optim, seed=seed)
         # init_to_value's tensor becomes the parameter storage: pass a clone.
         self.guide = AutoDelta(model, init_loc_fn=init_to_value(values={THETA: model.theta0.clone()}))
         self.optim = self.optim_settings.pyro_optimizer()
@@ -43,7 +54,3 @@ class MAP(Method):
 
     def posterior(self) -> Posterior:
         return ParticlePosterior(self.theta().unsqueeze(0))
-
-    def set_lr(self, lr: float) -> None:
-        super().set_lr(lr)
-        set_learning_rate(self.optim, lr)

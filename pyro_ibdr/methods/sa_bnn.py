@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from pyro.infer import SVI
 
 from ..functional import Inputs
 from ..losses import IBDRLoss
 from ..model import BayesianLoRA
-from .base import OptimSettings
-from .bbb import BayesByBackprop
+from .base import MethodConfig, OptimSettings
+from .bbb import BayesByBackprop, check_mean_field
+
+
+@dataclass(frozen=True)
+class SABNNConfig(MethodConfig):
+    """S training samples, the initial posterior scale, ρ the radius of the SAM step on each sample."""
+
+    size_field = "num_samples"
+
+    num_samples: int = 4
+    init_scale: float = 1e-3
+    rho: float = 0.05
+
+    def __post_init__(self) -> None:
+        check_mean_field(self.num_samples, self.init_scale)
 
 
 class SABNN(BayesByBackprop):
@@ -22,20 +38,20 @@ class SABNN(BayesByBackprop):
     """
 
     name = "sa_bnn"
+    config_class = SABNNConfig
 
     def __init__(
-        self,
-        model: BayesianLoRA,
-        optim: OptimSettings | None = None,
-        *,
-        seed: int = 0,
-        num_samples: int = 4,
-        init_scale: float = 1e-3,
-        rho: float = 0.05,
+        self, model: BayesianLoRA, config: SABNNConfig | None = None, optim: OptimSettings | None = None,
+        *, seed: int = 0,
     ) -> None:
-        self.loss = IBDRLoss(alpha=0.0, ascent="sam", sam_radius=rho, kl="mc")
-        self.loss.num_particles = num_samples
-        super().__init__(model, optim, seed=seed, num_samples=num_samples, init_scale=init_scale)
+        config = config if config is not None else SABNNConfig()
+        self.loss = IBDRLoss(alpha=0.0, ascent="sam", sam_radius=config.rho, kl="mc")
+        self.loss.num_particles = config.num_samples
+        super().__init__(model, config, optim, seed=seed)
+
+    @property
+    def kl_anneal_steps(self) -> int:
+        return 0
 
     def _build_svi(self) -> SVI:
         return SVI(self.model, self.guide, self.optim, self.loss)

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..losses import IBDRSettings
 from ..model import BayesianLoRA
-from .base import OptimSettings
-from .ibdr import IBDR
+from .base import Method, MethodConfig, OptimSettings
+from .ibdr import IBDR, IBDRConfig
+
+
+@dataclass(frozen=True)
+class SAMConfig(MethodConfig):
+    """ρ, the radius of the normalised ascent step."""
+
+    rho: float = 0.05
 
 
 class SAM(IBDR):
@@ -14,10 +24,12 @@ class SAM(IBDR):
     """
 
     name = "sam"
+    config_class = SAMConfig
 
     def __init__(
-        self, model: BayesianLoRA, optim: OptimSettings | None = None, *, seed: int = 0, rho: float = 0.05
+        self, model: BayesianLoRA, config: SAMConfig | None = None, optim: OptimSettings | None = None,
+        *, seed: int = 0,
     ) -> None:
-        super().__init__(
-            model, optim, seed=seed, num_particles=1, alpha=0.0, ascent="sam", sam_radius=rho, kl="mc"
-        )
+        Method.__init__(self, model, config, optim, seed=seed)
+        loss = IBDRSettings(alpha=0.0, ascent="sam", sam_radius=self.config.rho, kl="mc")
+        self._build(IBDRConfig(num_particles=1, loss=loss))

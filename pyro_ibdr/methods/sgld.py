@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,7 +13,25 @@ from pyro import poutine
 from ..functional import Inputs
 from ..model import THETA, BayesianLoRA
 from ..posterior import EmpiricalPosterior, Posterior
-from .base import Method, OptimSettings
+from .base import Method, MethodConfig, OptimSettings
+
+
+@dataclass(frozen=True)
+class SGLDConfig(MethodConfig):
+    """Burn-in steps, thinning interval, the number of kept samples and the temperature T."""
+
+    burn_in: int = 100
+    thin: int = 10
+    num_samples: int = 20
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.burn_in < 0 or self.thin < 1 or self.num_samples < 1:
+            raise ValueError(
+                f"need burn_in >= 0, thin >= 1, num_samples >= 1; got {self.burn_in}, {self.thin}, {self.num_samples}"
+            )
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 
 
 class SGLD(Method):
@@ -27,26 +46,17 @@ class SGLD(Method):
     """
 
     name = "sgld"
+    config_class = SGLDConfig
 
     def __init__(
-        self,
-        model: BayesianLoRA,
-        optim: OptimSettings | None = None,
-        *,
-        seed: int = 0,
-        burn_in: int = 100,
-        thin: int = 10,
-        num_samples: int = 20,
-        temperature: float = 1.0,
+        self, model: BayesianLoRA, config: SGLDConfig | None = None, optim: OptimSettings | None = None,
+        *, seed: int = 0,
     ) -> None:
-        super().__init__(model, optim, seed=seed)
-        if burn_in < 0 or thin < 1 or num_samples < 1:
-            raise ValueError(f"need burn_in >= 0, thin >= 1, num_samples >= 1; got {burn_in}, {thin}, {num_samples}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        self.burn_in, self.thin, self.temperature = int(burn_in), int(thin), float(temperature)
+        super().__init__(model, config, optim, seed=seed)
+        c = self.config
+        self.burn_in, self.thin, self.temperature = int(c.burn_in), int(c.thin), float(c.temperature)
         self.theta = model.theta0.clone()
-        self.samples: deque[torch.Tensor] = deque(maxlen=int(num_samples))
+        self.samples: deque[torch.Tensor] = deque(maxlen=int(c.num_samples))
         self.num_steps = 0
         self.generator = torch.Generator(device=self.theta.device).manual_seed(seed)
 

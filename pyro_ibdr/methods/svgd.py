@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import pyro
@@ -14,7 +15,7 @@ from ..functional import Inputs
 from ..kernels import FlooredRBFSteinKernel, ScalarRBFKernel
 from ..model import THETA, BayesianLoRA
 from ..posterior import ParticlePosterior, Posterior
-from .base import Method, OptimSettings, set_learning_rate
+from .base import Method, MethodConfig, OptimSettings
 
 #: The param-store name under which ``pyro.infer.SVGD`` keeps its particles (fixed by Pyro).
 PARTICLES_PARAM = "svgd_particles"
@@ -29,6 +30,21 @@ def make_kernel(kind: str, bandwidth_factor: float = 1.0) -> SteinKernel:
     if kind == "pyro_rbf":
         return FlooredRBFSteinKernel(bandwidth_factor)
     raise ValueError(f"kernel must be 'scalar_rbf' or 'pyro_rbf', got {kind!r}")
+
+
+@dataclass(frozen=True)
+class SVGDConfig(MethodConfig):
+    """K particles, the Stein kernel (``"scalar_rbf"`` or ``"pyro_rbf"``) and its bandwidth factor."""
+
+    size_field = "num_particles"
+
+    num_particles: int = 4
+    kernel: Literal["scalar_rbf", "pyro_rbf"] = "scalar_rbf"
+    bandwidth_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_particles < 2:
+            raise ValueError(f"SVGD needs at least 2 particles, got {self.num_particles}")
 
 
 class SteinVGD(Method):
@@ -47,23 +63,17 @@ class SteinVGD(Method):
     """
 
     name = "svgd"
+    config_class = SVGDConfig
 
     def __init__(
-        self,
-        model: BayesianLoRA,
-        optim: OptimSettings | None = None,
-        *,
-        seed: int = 0,
-        num_particles: int = 4,
-        kernel: Literal["scalar_rbf", "pyro_rbf"] = "scalar_rbf",
-        bandwidth_factor: float = 1.0,
+        self, model: BayesianLoRA, config: SVGDConfig | None = None, optim: OptimSettings | None = None,
+        *, seed: int = 0,
     ) -> None:
-        super().__init__(model, optim, seed=seed)
-        if num_particles < 2:
-            raise ValueError(f"SVGD needs at least 2 particles, got {num_particles}")
-        self.num_particles = int(num_particles)
-        self.kernel_name = kernel
-        self.kernel = make_kernel(kernel, bandwidth_factor)
+        super().__init__(model, config, optim, seed=seed)
+        c = self.config
+        self.num_particles = int(c.num_particles)
+        self.kernel_name = c.kernel
+        self.kernel = make_kernel(c.kernel, c.bandwidth_factor)
         self.optim = self.optim_settings.pyro_optimizer()
         self.svgd = SVGD(
             model, self.kernel, self.optim, num_particles=self.num_particles,
@@ -103,10 +113,6 @@ class SteinVGD(Method):
 
     def posterior(self) -> Posterior:
         return ParticlePosterior(self.particles())
-
-    def set_lr(self, lr: float) -> None:
-        super().set_lr(lr)
-        set_learning_rate(self.optim, lr)
 
     def state(self) -> dict[str, Any]:
         return {

