@@ -103,15 +103,17 @@ def _first_key(loader: Iterable[tuple[Inputs, torch.Tensor]]) -> str:
 
 
 def build_laplace(model: BayesianLoRA, structure: HessianStructure, prior_precision: float,
-                  dict_key_x: str = "input_ids") -> ParametricLaplace:
-    """An unfitted laplace-torch approximation over θ; call it inside :func:`at_theta`, which sets what laplace-torch
-    treats as the parameters (the tensors that require grad)."""
+                  dict_key_x: str = "input_ids", stochastic: bool = False) -> ParametricLaplace:
+    """An unfitted laplace-torch approximation over θ (curvlinops backend: the GGN, or with ``stochastic`` a
+    one-sample Monte-Carlo Fisher); call it inside :func:`at_theta`, which sets what laplace-torch treats as the
+    parameters (the tensors that require grad)."""
     from laplace import Laplace
 
     if structure not in ("kron", "diag"):
         raise ValueError(f"hessian_structure must be 'kron' or 'diag', got {structure!r}")
     return Laplace(ThetaNetwork(model.net), "classification", subset_of_weights="all", hessian_structure=structure,
-                   prior_precision=prior_precision, dict_key_x=dict_key_x, dict_key_y=LABELS_KEY)
+                   prior_precision=prior_precision, dict_key_x=dict_key_x, dict_key_y=LABELS_KEY,
+                   backend_kwargs={"stochastic": stochastic})
 
 
 class LaplacePosterior(Posterior):
@@ -211,11 +213,13 @@ class LaplacePosterior(Posterior):
 
 @dataclass(frozen=True)
 class LaplaceConfig(MethodConfig):
-    """The curvature structure, the predictive, the prior precision's structure and its marginal-likelihood fit, and
-    the examples per laplace-torch Jacobian call (diagonal fit, GLM predictive; 1 is the cheapest per example on
-    large networks, larger values save per-call overhead on tiny ones)."""
+    """The curvature structure and whether it is a one-sample Monte-Carlo Fisher (``stochastic``: 1 backward pass
+    per batch for KFAC instead of C), the predictive, the prior precision's structure and its marginal-likelihood
+    fit, and the examples per laplace-torch Jacobian call (diagonal fit, GLM predictive; 1 is the cheapest per
+    example on large networks, larger values save per-call overhead on tiny ones)."""
 
     hessian_structure: HessianStructure = "kron"
+    stochastic: bool = False
     pred_type: PredType = "glm"
     prior_structure: Literal["scalar", "layerwise"] = "scalar"
     marglik_steps: int = 100
@@ -244,7 +248,8 @@ class LaplaceLoRA(MAP):
         q(θ) = N(θ_MAP, P⁻¹),    P = Σ_{n=1}^N J_nᵀ Λ_n J_n + P0,
 
     with the generalised Gauss–Newton (J_n = ∂f(x_n)/∂θ, Λ_n the softmax Hessian) Kronecker-factored per layer
-    (``"kron"``, KFAC, laplace-torch's curvlinops backend; LoRA A and B are Linear layers) or diagonal (``"diag"``).
+    (``"kron"``, KFAC, laplace-torch's curvlinops backend; LoRA A and B are Linear layers) or diagonal (``"diag"``);
+    ``stochastic=True`` replaces Λ_n by a one-sample Monte-Carlo estimate (the MC Fisher).
     P0 = p0·I starts at the training prior's 1/s² and p0 (one value, or one per tensor of θ with
     ``prior_structure="layerwise"``) is then set by maximising the Laplace log marginal likelihood
 
@@ -253,9 +258,9 @@ class LaplaceLoRA(MAP):
     (Adam on log p0, ``marglik_steps`` steps of rate ``marglik_lr``; θ_MAP is unchanged). The predictive is the
     linearised (GLM) one, sampled in logit space as in the paper, or the network at θ samples (``pred_type="nn"``).
     laplace-torch computes all curvature, marginal-likelihood and predictive terms. The post-hoc fit costs one
-    pass over the training data with C backward passes per batch (KFAC of the exact GGN, curvlinops) or per
-    chunk of ``jacobian_batch_size`` examples (diagonal, from Jacobians); the GLM predictive costs C backward
-    passes per chunk of test examples, whatever S.
+    pass over the training data with C backward passes per batch (KFAC of the exact GGN; 1 with ``stochastic``)
+    or per chunk of ``jacobian_batch_size`` examples (diagonal, from Jacobians); the GLM predictive costs C
+    backward passes per chunk of test examples, whatever S; the "nn" predictive S forward passes.
     """
 
     name = "laplace"
@@ -279,7 +284,8 @@ class LaplaceLoRA(MAP):
         start = time.perf_counter()
         theta, init_precision = self.theta(), 1.0 / self.model.prior_scale**2
         with at_theta(self.model, theta):
-            laplace = build_laplace(self.model, c.hessian_structure, init_precision, _first_key(train_loader))
+            laplace = build_laplace(self.model, c.hessian_structure, init_precision, _first_key(train_loader),
+                                    c.stochastic)
             chunk = c.jacobian_batch_size if c.hessian_structure == "diag" else None  # KFAC needs no Jacobian
             laplace.fit(_Batches(train_loader, self.model.num_data, chunk))
             initial = float(laplace.log_marginal_likelihood())
@@ -306,5 +312,6 @@ class LaplaceLoRA(MAP):
         return self.fitted if self.fitted is not None else super().posterior()
 
     def state(self) -> dict[str, Any]:
-        return {"hessian_structure": self.config.hessian_structure, "pred_type": self.config.pred_type,
+        c = self.config
+        return {"hessian_structure": c.hessian_structure, "stochastic": c.stochastic, "pred_type": c.pred_type,
                 **self.fit_state}
