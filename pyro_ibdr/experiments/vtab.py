@@ -66,7 +66,8 @@ def build_net(task: str, *, offline: bool, model_name: str, checkpoint: Path | N
 
 def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
     """One line per epoch on stderr (the progress bar shows only on a terminal)."""
-    terms = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "lambda", "diversity", "kl", "sigma"))
+    shown = ("loss", "lambda", "step_norm", "diversity", "kl", "sigma")
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in shown)
     click.echo(f"[{unit.key}] epoch {epoch + 1}: {terms}", err=True)
 
 
@@ -76,7 +77,7 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--task", "tasks", default=None, callback=lambda c, p, v: comma_separated(c, p, v) if v else None,
               help="Task name(s), comma-separated, or 'all' (the 19 VTAB-1k tasks). Default: cifar10 offline, "
                    "all with --data-dir.")
-@click.option("--methods", default="ibdr,svgd,bbb,map", callback=comma_separated,
+@click.option("--methods", default="ibdr,ensemble,svgd,bbb,map", callback=comma_separated,
               help=f"Comma-separated methods: {', '.join(sorted(METHODS))}.")
 @click.option("--particles", type=click.IntRange(min=1), default=None,
               help="K particles (default 2 offline, else the preset's K: 4, or the official per-task K).")
