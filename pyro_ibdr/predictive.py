@@ -11,6 +11,7 @@ from pyro import poutine
 from pyro.infer import Predictive
 
 from .functional import Inputs
+from .metrics import EnsembleMode, ensemble_probs
 from .model import LOGITS, THETA, BayesianLoRA
 from .posterior import Posterior
 
@@ -54,47 +55,77 @@ def _predict_samples(model: BayesianLoRA, x: Inputs, samples: Mapping[str, torch
     return logits.reshape(num_samples, *logits.shape[-2:]).softmax(-1)
 
 
-def _as_samples(posterior: Mapping[str, torch.Tensor] | Posterior, num_samples: int) -> dict[str, torch.Tensor]:
-    samples = posterior.sample(num_samples) if isinstance(posterior, Posterior) else posterior
+def _as_samples(posterior: Mapping[str, torch.Tensor] | Posterior, num_samples: int | None) -> dict[str, torch.Tensor]:
+    """θ draws: S = ``posterior.num_draws(num_samples)`` from a posterior, or the given samples as they are."""
+    samples = posterior.sample(posterior.num_draws(num_samples)) if isinstance(posterior, Posterior) else posterior
     if THETA not in samples:
         raise KeyError(f"posterior samples must contain {THETA!r}")
     return {THETA: samples[THETA]}
 
 
-def predictive_probs(model: BayesianLoRA, posterior: PosteriorLike, x: Inputs, num_samples: int = 8) -> torch.Tensor:
-    """Per-sample class probabilities p(y | x, θ_s), shape (S, B, C), with θ_s drawn from the posterior.
-
-    :param posterior: a guide (drawn ``num_samples`` times by ``pyro.infer.Predictive`` in one vectorised
-        pass; a :class:`~pyro_ibdr.ParticleGuide` stratifies the draws over its components), a
-        :class:`~pyro_ibdr.posterior.Posterior`, or explicit samples ``{"theta": (S, D)}`` (S overrides
-        ``num_samples``); samples are evaluated in one conditioned, vectorised pass of the model. A posterior with
-        ``own_predictive`` (the linearised Laplace predictive) gives its own samples (``posterior.predict``).
-    """
+def _guide_draws(guide: Callable, num_samples: int | None) -> int:
+    if num_samples is None:
+        num_samples = getattr(guide, "num_particles", None)
+        if not isinstance(num_samples, int):
+            raise ValueError("pass num_samples: the guide has no num_particles to draw once each")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    return num_samples
+
+
+def predictive_probs(
+    model: BayesianLoRA, posterior: PosteriorLike, x: Inputs, num_samples: int | None = None
+) -> torch.Tensor:
+    """Per-sample class probabilities p(y | x, θ_s), shape (S, B, C), with θ_s drawn from the posterior.
+
+    :param posterior: a :class:`~pyro_ibdr.posterior.Posterior` (S = ``posterior.num_draws(num_samples)``:
+        point masses once each, mixtures exactly stratified), a guide (drawn S times by
+        ``pyro.infer.Predictive`` in one vectorised pass, S = ``num_samples`` or the guide's
+        ``num_particles``; a :class:`~pyro_ibdr.ParticleGuide` stratifies its draws over its components), or
+        explicit samples ``{"theta": (S, D)}`` (taken as they are); samples are evaluated in one conditioned,
+        vectorised pass of the model. A posterior with ``own_predictive`` (the linearised Laplace predictive)
+        gives its own samples (``posterior.predict``).
+    :raises ValueError: for a number of draws the posterior cannot honour exactly.
+    """
     if isinstance(posterior, Posterior) and posterior.own_predictive:
-        return posterior.predict(model, x, num_samples)
+        return posterior.predict(model, x, posterior.num_draws(num_samples))
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     if isinstance(posterior, Posterior | Mapping):
         return _predict_samples(model, x, _as_samples(posterior, num_samples), dropout)
-    return _predict_guide(model, x, posterior, num_samples)
+    return _predict_guide(model, x, posterior, _guide_draws(posterior, num_samples))
+
+
+def posterior_predictive(
+    model: BayesianLoRA,
+    posterior: PosteriorLike,
+    x: Inputs,
+    num_samples: int | None = None,
+    ensemble: EnsembleMode | None = None,
+) -> torch.Tensor:
+    """The ensemble's class probabilities (B, C): :func:`predictive_probs` combined by ``ensemble`` — by
+    default the posterior's own ``prediction`` mode (``"mean_probs"`` for guides and raw samples)."""
+    mode = ensemble or (posterior.prediction if isinstance(posterior, Posterior) else "mean_probs")
+    return ensemble_probs(predictive_probs(model, posterior, x, num_samples), mode)
 
 
 def predict_loader(
     model: BayesianLoRA,
     posterior: Posterior | Mapping[str, torch.Tensor],
     loader: Iterable,
-    num_samples: int = 8,
+    num_samples: int | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probs (S, N, C), targets (N,)) over a loader of (x, y) batches, with the same θ samples for every batch.
+    """(probs (S, N, C), targets (N,)) over a loader of (x, y) batches, with the same θ samples for every batch
+    (S as in :func:`predictive_probs`).
 
     A posterior with ``own_predictive`` predicts every batch with a generator seeded by ``seed``, so every batch
     gets the same draws too.
     """
     own = isinstance(posterior, Posterior) and posterior.own_predictive
     samples = None if own else _as_samples(posterior, num_samples)
+    if own:
+        num_samples = posterior.num_draws(num_samples)
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     probs, targets = [], []
     for x, y in loader:
