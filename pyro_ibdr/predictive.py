@@ -13,6 +13,7 @@ from pyro.infer import Predictive
 from .functional import Inputs
 from .model import LOGITS, THETA, BayesianLoRA
 from .posterior import Posterior
+from .precision import Precision, autocast, check_precision
 
 PosteriorLike = Callable | Mapping[str, torch.Tensor] | Posterior
 PREDICTIVE_PLATE = "_predictive_samples"
@@ -29,29 +30,61 @@ def training_mode(net: torch.nn.Module, enabled: bool) -> Iterator[None]:
         net.train(was_training)
 
 
-def _predict_guide(model: BayesianLoRA, x: Inputs, guide: Callable, num_samples: int) -> torch.Tensor:
+def _predict_guide(model: BayesianLoRA, x: Inputs, guide: Callable, num_samples: int,
+                   precision: Precision) -> torch.Tensor:
     """Probabilities (S, B, C) through ``Predictive(guide=..., parallel=True)``."""
     predictive = Predictive(model, guide=guide, num_samples=num_samples, return_sites=[LOGITS], parallel=True)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(precision, model.theta0.device):
         logits = predictive(x)[LOGITS]
     return logits.reshape(num_samples, *logits.shape[-2:]).softmax(-1)
 
 
-def _predict_samples(model: BayesianLoRA, x: Inputs, samples: Mapping[str, torch.Tensor],
-                     dropout: bool) -> torch.Tensor:
-    """Probabilities (S, B, C) of the model conditioned on stored θ samples in one vectorised pass.
+def _conditioned_logits(model: BayesianLoRA, x: Inputs, theta: torch.Tensor) -> torch.Tensor:
+    """Logits (S, B, C) of the model conditioned on θ (S, D) in one vectorised pass.
 
     This is the last step of ``Predictive(posterior_samples=..., parallel=True)``; Predictive itself would
     first run the model twice more to infer plate nesting and site shapes, which ``BayesianLoRA`` states.
     """
-    theta = samples[THETA]
     num_samples = theta.shape[0]
     theta = theta.reshape(num_samples, *([1] * model.max_plate_nesting), theta.shape[-1])
-    plate = pyro.plate(PREDICTIVE_PLATE, num_samples, dim=-(model.max_plate_nesting + 1))
-    with torch.no_grad(), training_mode(model.net, dropout), plate:
+    with pyro.plate(PREDICTIVE_PLATE, num_samples, dim=-(model.max_plate_nesting + 1)):
         trace = poutine.trace(poutine.condition(model, data={THETA: theta})).get_trace(x)
     logits = trace.nodes[LOGITS]["value"]
-    return logits.reshape(num_samples, *logits.shape[-2:]).softmax(-1)
+    return logits.reshape(num_samples, *logits.shape[-2:])
+
+
+class SampleChunks:
+    """How many θ samples go through the network per pass (each pass sees chunk·B rows).
+
+    ``size=None`` starts with all S samples in one pass and halves the chunk after a CUDA out-of-memory error
+    until a pass fits; the size that fitted is kept for later batches. A given ``size`` is used as is.
+    """
+
+    def __init__(self, size: int | None = None) -> None:
+        if size is not None and size < 1:
+            raise ValueError(f"chunk_size must be a positive number of samples or None, got {size}")
+        self.size = size
+        self.adaptive = size is None
+
+    def logits(self, model: BayesianLoRA, x: Inputs, theta: torch.Tensor) -> torch.Tensor:
+        """Logits (S, B, C) for θ (S, D), ``self.size`` samples per pass."""
+        while True:
+            chunk = min(self.size or theta.shape[0], theta.shape[0])
+            try:
+                return torch.cat([_conditioned_logits(model, x, part) for part in theta.split(chunk)])
+            except torch.OutOfMemoryError:
+                if not self.adaptive or chunk == 1:
+                    raise
+                self.size = (chunk + 1) // 2
+
+
+def _predict_samples(model: BayesianLoRA, x: Inputs, samples: Mapping[str, torch.Tensor], dropout: bool,
+                     chunks: SampleChunks, precision: Precision) -> torch.Tensor:
+    """Probabilities (S, B, C) of the model conditioned on stored θ samples, in float32 (or θ's wider dtype)."""
+    theta = samples[THETA]
+    with torch.no_grad(), training_mode(model.net, dropout), autocast(precision, theta.device):
+        logits = chunks.logits(model, x, theta)
+    return logits.softmax(-1)
 
 
 def _as_samples(posterior: Mapping[str, torch.Tensor] | Posterior, num_samples: int) -> dict[str, torch.Tensor]:
@@ -61,20 +94,26 @@ def _as_samples(posterior: Mapping[str, torch.Tensor] | Posterior, num_samples: 
     return {THETA: samples[THETA]}
 
 
-def predictive_probs(model: BayesianLoRA, posterior: PosteriorLike, x: Inputs, num_samples: int = 8) -> torch.Tensor:
+def predictive_probs(model: BayesianLoRA, posterior: PosteriorLike, x: Inputs, num_samples: int = 8, *,
+                     chunk_size: int | None = None, precision: Precision = "fp32") -> torch.Tensor:
     """Per-sample class probabilities p(y | x, θ_s), shape (S, B, C), with θ_s drawn from the posterior.
 
     :param posterior: a guide (drawn ``num_samples`` times by ``pyro.infer.Predictive`` in one vectorised
         pass; a :class:`~pyro_ibdr.ParticleGuide` stratifies the draws over its components), a
         :class:`~pyro_ibdr.posterior.Posterior`, or explicit samples ``{"theta": (S, D)}`` (S overrides
-        ``num_samples``); samples are evaluated in one conditioned, vectorised pass of the model.
+        ``num_samples``); samples go through the model's batched forward (the fused particle pass by default),
+        ``chunk_size`` samples per pass (:class:`SampleChunks`; None: all, halved on CUDA out-of-memory).
+    :param precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for the network (:mod:`pyro_ibdr.precision`);
+        the softmax runs in float32 either way.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    check_precision(precision)
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     if isinstance(posterior, Posterior | Mapping):
-        return _predict_samples(model, x, _as_samples(posterior, num_samples), dropout)
-    return _predict_guide(model, x, posterior, num_samples)
+        samples = _as_samples(posterior, num_samples)
+        return _predict_samples(model, x, samples, dropout, SampleChunks(chunk_size), precision)
+    return _predict_guide(model, x, posterior, num_samples, precision)
 
 
 def predict_loader(
@@ -83,13 +122,21 @@ def predict_loader(
     loader: Iterable,
     num_samples: int = 8,
     device: torch.device | str | None = None,
+    *,
+    chunk_size: int | None = None,
+    precision: Precision = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probs (S, N, C), targets (N,)) over a loader of (x, y) batches, with the same θ samples for every batch."""
+    """(probs (S, N, C), targets (N,)) over a loader of (x, y) batches, with the same θ samples for every batch.
+
+    ``chunk_size`` and ``precision`` as in :func:`predictive_probs`; an adapted chunk size carries over batches.
+    """
+    check_precision(precision)
     samples = _as_samples(posterior, num_samples)
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
+    chunks = SampleChunks(chunk_size)
     probs, targets = [], []
     for x, y in loader:
-        probs.append(_predict_samples(model, to_device(x, device), samples, dropout).cpu())
+        probs.append(_predict_samples(model, to_device(x, device), samples, dropout, chunks, precision).cpu())
         targets.append(y.cpu())
     if not probs:
         raise ValueError("the loader yielded no batches")

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .methods.base import Method, OptimSettings, create_method
 from .model import BayesianLoRA
 from .posterior import EmpiricalPosterior, GaussianPosterior, ParticlePosterior, Posterior
+from .precision import Precision, autocast
 from .predictive import to_device
 from .schedules import Schedule, ScheduleName, make_schedule
 
@@ -186,6 +187,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     device: torch.device | str | None = None,
+    precision: Precision = "fp32",
     **method_options: Any,
 ) -> FitResult:
     """Train ``method`` on ``model`` for exactly one of ``epochs`` (passes over the loader) or ``steps``.
@@ -200,11 +202,14 @@ def fit(
     :param schedule: ``"constant"``, ``"warmup_cosine"`` or a callable step ↦ multiplier.
     :param callbacks: called after every epoch with ``(epoch, record)``.
     :param progress: show a progress bar (only when stderr is a terminal) with the loss and λ.
+    :param precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` to run every step under ``torch.autocast``
+        (:mod:`pyro_ibdr.precision`: θ and the optimiser state stay float32, no gradient scaler).
     :raises FloatingPointError: naming the step at which the loss became NaN or infinite.
     """
     _check_length(epochs, steps)
     total = _total_steps(train_loader, epochs, steps)
     device = torch.device(device) if device is not None else model.theta0.device
+    mixed = autocast(precision, device)  # checks the setting before any work
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     runner = _build_method(method, model, optim, seed, method_options)
@@ -225,7 +230,8 @@ def fit(
                 lr = base_lr * multiplier(step)
                 runner.set_lr(lr)
                 try:
-                    terms = runner.step(to_device(x, device), y.to(device))
+                    with mixed:
+                        terms = runner.step(to_device(x, device), y.to(device))
                 except FloatingPointError as err:
                     raise FloatingPointError(f"training failed at step {step}: {err}") from err
                 _check_loss(step, terms)

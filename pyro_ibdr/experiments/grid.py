@@ -20,6 +20,7 @@ from ..methods import METHODS
 from ..metrics import ensemble_probs, evaluate_predictions
 from ..model import BayesianLoRA
 from ..posterior import ParticlePosterior, Posterior
+from ..precision import AUTOCAST_DTYPES, Precision
 from ..predictive import predict_loader
 from ..train import fit
 from .plots import reliability_diagram
@@ -166,6 +167,13 @@ def write_summary(folder: str | Path, records: Sequence[dict[str, Any]], config:
     return rows
 
 
+def precision_option(command: Callable) -> Callable:
+    """The ``--precision`` option shared by the experiment commands."""
+    return click.option("--precision", type=click.Choice(list(AUTOCAST_DTYPES)), default="fp32",
+                        help="Autocast of the network in training and test: fp32 (none), bf16 or fp16; θ, softmax and "
+                             "metrics stay float32.")(command)
+
+
 def method_options(method: str, particles: int, extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Constructor options of ``method``: its ensemble size (K particles, or K training samples for BBB/SA-BNN:
     the config's ``size_field``) plus ``extra[method]``."""
@@ -193,19 +201,21 @@ def train_and_evaluate(
     ensemble: str = "mean_probs",
     output: Path | None = None,
     device: str | torch.device = "cpu",
+    precision: Precision = "fp32",
 ) -> dict[str, Any]:
     """Fit ``unit.method`` on a fresh LoRA model, then evaluate it once on the test loader.
 
     ``test_loader`` is called only after training, so test data is never read before training ends.
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) is the autocast setting of training and prediction.
     Returns a JSON-ready record: test metrics, the cost of training, the per-epoch history and method state.
     """
     pyro.set_rng_seed(unit.seed)  # the LoRA initialisation must not depend on the units that ran before
     model = BayesianLoRA(build_net().to(device), num_data=num_data)
-    result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, **fit_options)
+    result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, precision=precision, **fit_options)
     samples = test_time_samples(result.posterior, num_samples)
     start = time.perf_counter()
     draws = fixed_draws(result.posterior, samples, seed=unit.seed)
-    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device)
+    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device, precision=precision)
     metrics = {**evaluate_predictions(probs, targets, mode=ensemble), "ensemble": ensemble, "num_samples": samples}
     eval_seconds = time.perf_counter() - start
     if output is not None:
