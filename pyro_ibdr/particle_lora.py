@@ -251,7 +251,7 @@ class _Pass:
             h = h.reshape(self.k, -1, h.shape[-1])  # (K, M, in), M = B'·(tokens)
             delta = torch.matmul(torch.matmul(h, a.transpose(-1, -2)), b.transpose(-1, -2))  # (K, M, out)
             if bias is not None:
-                delta = delta + bias.unsqueeze(1)
+                delta = delta + bias.unsqueeze(1).to(delta.dtype)
             result = result + (delta * layer.scaling[adapter]).reshape(result.shape).to(result.dtype)
         return result
 
@@ -264,8 +264,8 @@ class _Pass:
         weight = self.param(f"{entry.name}.modules_to_save.{entry.adapter}.weight", head.weight)  # (K, C, h)
         bias = self.param(f"{entry.name}.modules_to_save.{entry.adapter}.bias", head.bias)  # (K, C) or None
         out = torch.matmul(x.reshape(self.k, -1, x.shape[-1]), weight.transpose(-1, -2))  # (K, M, C)
-        if bias is not None:
-            out = out + bias.unsqueeze(1)
+        if bias is not None:  # in the matmul's dtype, as nn.Linear under autocast
+            out = out + bias.unsqueeze(1).to(out.dtype)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -72,7 +72,7 @@ def llama(lora_dropout: float = 0.0, layers: Sequence[int] | None = None) -> Bui
     colours = ["red", "green", "blue", "cat"]
     records = [MCRecord(prompt=build_prompt(q, colours), question=q, choices=colours, label=i)
                for i, q in enumerate(["pick blue", "pick green dog cat sun", "is it"])]
-    inputs, _ = MultipleChoiceCollator(tok, padding_side="left")(records)
+    inputs, _ = MultipleChoiceCollator(tok, padding_side="right")(records)  # rows end at different positions
     return net, inputs, lm.model.layers[0]
 
 
