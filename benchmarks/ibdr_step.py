@@ -126,26 +126,30 @@ class PeakMemory:
             self.mb = self._status("VmHWM:") - self._before
 
 
-def measure(step: Callable[[], None], repeats: int, device: str) -> tuple[float, float]:
-    """(median seconds of ``step`` after one warm-up call, peak MB of one call)."""
-    with PeakMemory(device) as memory:
-        step()
-    times = []
+def measure(steps: dict[str, Callable[[], None]], repeats: int, device: str) -> dict[str, tuple[float, float]]:
+    """{name: (median seconds, peak MB)}: one warm-up call of each step (its peak memory), then ``repeats``
+    rounds that time every step in turn, so that a busy machine slows all of them alike."""
+    peaks = {}
+    for name, step in steps.items():
+        with PeakMemory(device) as memory:
+            step()
+        peaks[name] = memory.mb
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), memory.mb
+        for name, step in steps.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), peaks[name]) for name in steps}
 
 
 def ibdr_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, particles: int, mode: str,
               precision: Precision) -> Callable[[], None]:
     """One SVI step of IBDR (closed-form ascent: two passes per particle) with the particles run as ``mode``."""
-    pyro.clear_param_store()
     model = BayesianLoRA(net, num_data=1000, vectorize=mode)
     guide = ParticleGuide(model, particles, sigma=0.01, name=f"bench_{mode}")
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-4}), loss=IBDRLoss(alpha=0.02))
@@ -180,14 +184,14 @@ def run_scenario(scenario: Scenario, *, modes: Sequence[str] = MODES, repeats: i
     x = torch.randn(scenario.batch, 3, scenario.img_size, scenario.img_size, device=device)
     y = torch.randint(0, 10, (scenario.batch,), device=device)
     k = scenario.particles
-    results = {}
+    pyro.clear_param_store()
+    steps = {mode: ibdr_step(net, x, y, k, mode, precision) for mode in modes}
+    steps["reference"] = reference_step(net, x, y, k, precision)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # vmap's "performance drop" notice for SDPA on CPU, once per call
-        for mode in modes:
-            results[mode] = measure(ibdr_step(net, x, y, k, mode, precision), repeats, device)
-        results["reference"] = measure(reference_step(net, x, y, k, precision), repeats, device)
+        results = measure(steps, repeats, device)
     click.echo(f"({scenario.key}) {scenario.title}: K={k}, B={scenario.batch}, {precision}, device={device}, "
-               f"threads={torch.get_num_threads()}, median of {repeats}")
+               f"threads={torch.get_num_threads()}, median of {repeats} interleaved rounds")
     for name, (seconds, mb) in results.items():
         label = "reference (2 plain LoRA passes over K·B)" if name == "reference" else f"{name} IBDR step"
         click.echo(f"    {label:42s} {seconds:8.3f} s   peak {mb:8.0f} MB")

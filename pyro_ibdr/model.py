@@ -23,8 +23,8 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 class BayesianLoRA:
     """Pyro model whose one latent site is the flat vector θ of a peft model's trainable tensors.
 
-    The frozen backbone never enters Pyro: its weights are read by ``torch.func.functional_call`` and
-    only θ is substituted. The model is
+    The frozen backbone never enters Pyro: the batched forward (:class:`~pyro_ibdr.functional.BatchedForward`)
+    runs it with θ in place of the adapter tensors and leaves its weights alone. The model is
 
         θ ~ N(0, s² I_D),    y_n | x_n, θ ~ Categorical(logits = f(x_n; θ)),  n in a subsampled plate of size N.
 

@@ -10,7 +10,9 @@ where ``base`` runs ONCE on all K·B' rows it receives and is a black box (a pla
 ``Conv1D``, a quantized layer: its weight is never read, so one copy of every frozen tensor exists), and the
 low-rank part is two batched matmuls over the views A (K, r, in), B (K, out, r) of θ; s = α/r (α/√r with
 rsLoRA). A trained Linear head (peft ``modules_to_save``) computes ``x_k W_kᵀ + b_k`` the same way. LoRA
-dropout draws its mask on every row, so it is independent per particle.
+dropout draws its mask on every row, so it is independent per particle. This is the batching of many LoRA
+adapters over one base model that multi-LoRA servers use (Punica, Chen et al. 2023; S-LoRA, Sheng et al.
+2023), here with gradients, for the particles of one posterior.
 
 Where the particles join the batch: at the first block holding an adapter of θ, found in the model's block
 list (a ``ModuleList``/``Sequential`` named ``blocks`` (timm), ``layers``/``layer`` (HF decoders, BERT) or
@@ -21,6 +23,12 @@ embeddings, frozen early blocks) runs once per batch. Without a recognisable blo
 θ is registered before it, or when the network trains with dropout before it (the particles would share its
 masks), the inputs themselves are repeated. An adapted layer or head reached by rows that are not the K·B'
 particle rows raises :class:`Unfusable` instead of computing garbage.
+
+Limits: inside the expanded blocks the leading dimension must stay the example dimension (a model that folds
+tokens into it, or reads B from its input to reshape, is caught by the row checks); 1-D side inputs are not
+repeated (e.g. ``cache_position``); dropout written as a function in the prefix (not a module) cannot be seen,
+and its masks are then shared by the particles; LoRA on Conv/Embedding layers and variants (DoRA) are not
+batched (the caller falls back to the per-particle loop).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from transformers import BertConfig, BertForMultipleChoice, BertForSequenceClass
 
 from pyro_ibdr.experiments.data.commonsense import MCRecord, MultipleChoiceCollator, answer_token_ids, build_prompt
 from pyro_ibdr.experiments.text import AnswerTokenClassifier, EncoderChoiceClassifier
-from pyro_ibdr.experiments.vision import split_qkv
+from pyro_ibdr.experiments.vision import split_qkv, vit_lora_config
 from tests._dummies.nets import TinyMLP
 from tests._dummies.text import make_tokenizer, tiny_lm
 
@@ -56,7 +56,10 @@ def vit(lora_dropout: float = 0.0, layers: Sequence[int] | None = None) -> Built
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4, embed_dim=32,
                               depth=3, num_heads=2, num_classes=5, in_chans=1)
-    config = _lora(layers, "blocks", target_modules=["q", "v"], modules_to_save=["head"], lora_dropout=lora_dropout)
+    if layers is None:  # the library's own placement
+        config = vit_lora_config(4, 8, dropout=lora_dropout)
+    else:  # peft places layers_to_transform only with a list of target names
+        config = _lora(layers, "blocks", target_modules=["q", "v"], modules_to_save=["head"], lora_dropout=lora_dropout)
     net = peft.get_peft_model(split_qkv(model), config)
     return net, torch.rand(3, 1, 8, 8), model.blocks[0]
 
