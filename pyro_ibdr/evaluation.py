@@ -14,6 +14,7 @@ import torch
 from .metrics import EnsembleMode, evaluate_predictions, ood_metrics, uncertainty_scores
 from .model import THETA, BayesianLoRA
 from .posterior import EmpiricalPosterior, Posterior
+from .precision import Precision
 from .predictive import predict_loader
 
 #: The OOD scores reported by :func:`evaluate` (higher = more likely out of distribution).
@@ -47,6 +48,8 @@ def evaluate(
     ood_loader: Iterable[tuple[Any, torch.Tensor]] | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
+    chunk_size: int | None = None,
+    precision: Precision = "fp32",
 ) -> dict[str, float | str]:
     """Metrics of the posterior predictive on ``loader`` (batches (x, y)).
 
@@ -55,7 +58,8 @@ def evaluate(
     ``predictive_entropy``, ``mutual_information``, ``dpp_log_volume`` of the S samples), ``ensemble``
     (the label ``"mean_probs"`` — the Bayesian model average — or ``"mean_logits"``), ``num_samples`` and,
     with an ``ood_loader`` (batches (x, y), labels ignored), ``ood_{score}_{auroc,aupr,fpr95}`` for each
-    score in :data:`OOD_SCORES`, with OOD examples as the positive class.
+    score in :data:`OOD_SCORES`, with OOD examples as the positive class. ``chunk_size`` (θ samples per
+    pass) and ``precision`` (autocast of the network) as in :func:`~pyro_ibdr.predictive_probs`.
 
     :param num_samples: S, resolved by ``posterior.num_draws``: ``None`` evaluates point masses once each
         (K particles) and draws a default number from continuous posteriors; a mixture needs a multiple of K.
@@ -64,14 +68,15 @@ def evaluate(
     draws = fixed_draws(posterior, num_samples, seed)
     mode = ensemble or posterior.prediction
     num_draws = posterior.num_draws(num_samples)
-    probs, targets = predict_loader(model, draws, loader, num_draws, device=device, seed=seed)
+    options = {"device": device, "seed": seed, "chunk_size": chunk_size, "precision": precision}
+    probs, targets = predict_loader(model, draws, loader, num_draws, **options)
     results: dict[str, float | str] = {
         **evaluate_predictions(probs, targets, n_bins=n_bins, mode=mode),
         "ensemble": mode,
         "num_samples": num_draws,
     }
     if ood_loader is not None:
-        ood_probs, _ = predict_loader(model, draws, ood_loader, num_draws, device=device, seed=seed)
+        ood_probs, _ = predict_loader(model, draws, ood_loader, num_draws, **options)
         in_scores, out_scores = uncertainty_scores(probs), uncertainty_scores(ood_probs)
         for score in OOD_SCORES:
             for name, value in ood_metrics(in_scores[score], out_scores[score]).items():

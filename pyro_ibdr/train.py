@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .methods.base import Method, OptimSettings, create_method
 from .model import BayesianLoRA
 from .posterior import EmpiricalPosterior, GaussianPosterior, ParticlePosterior, Posterior
+from .precision import Precision, autocast
 from .predictive import to_device
 from .presets import Preset, get_preset
 from .schedules import AUTHORS_WARMUP_STEPS, Constant, Schedule, ScheduleName, make_schedule
@@ -211,6 +212,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     device: torch.device | str | None = None,
+    precision: Precision = "fp32",
     **method_options: Any,
 ) -> FitResult:
     """Train ``method`` on ``model`` for exactly one of ``epochs`` (passes over the loader) or ``steps``.
@@ -234,6 +236,8 @@ def fit(
         the preset's schedule, else constant.
     :param callbacks: called after every epoch with ``(epoch, record)``.
     :param progress: show a progress bar (only when stderr is a terminal) with the loss and λ.
+    :param precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` to run every step under ``torch.autocast``
+        (:mod:`pyro_ibdr.precision`: θ and the optimiser state stay float32, no gradient scaler).
     :raises FloatingPointError: naming the step at which the loss became NaN or infinite.
     """
     preset = get_preset(preset) if preset is not None else None
@@ -243,6 +247,7 @@ def fit(
     total = _total_steps(train_loader, epochs, steps)
     multiplier = _resolve_schedule(schedule, total, preset)
     device = torch.device(device) if device is not None else model.theta0.device
+    mixed = autocast(precision, device)  # checks the setting before any work
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     runner = _build_method(method, model, optim, seed, method_options, preset)
@@ -262,7 +267,8 @@ def fit(
                 lr = base_lr * multiplier(step)
                 runner.set_lr(lr)
                 try:
-                    terms = runner.step(to_device(x, device), y.to(device))
+                    with mixed:
+                        terms = runner.step(to_device(x, device), y.to(device))
                 except FloatingPointError as err:
                     raise FloatingPointError(f"training failed at step {step}: {err}") from err
                 _check_loss(step, terms)

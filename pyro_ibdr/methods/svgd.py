@@ -107,10 +107,13 @@ class SteinVGD(Method):
         self.num_steps = 0
         self.svgd.loss = self._recording(self.svgd.loss)
         self._last_loss = float("nan")
+        self._autocast: tuple[bool, torch.dtype] = (False, torch.float32)
 
     def _recording(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
-            loss = loss_fn(*args, **kwargs)
+            enabled, dtype = self._autocast  # the caller's autocast applies to the model, not to the kernel algebra
+            with torch.autocast(self.initial_particles.device.type, dtype=dtype, enabled=enabled):
+                loss = loss_fn(*args, **kwargs)
             self._last_loss = float(loss.detach())
             return loss
 
@@ -125,7 +128,10 @@ class SteinVGD(Method):
             # Pyro's guide would start from prior draws. Its parameter is the flat (K·1·D) vector of unconstrained
             # θ's, equal to the constrained ones on the real line; a parameter left by an earlier run is replaced.
             pyro.get_param_store()[PARTICLES_PARAM] = self.initial_particles.reshape(-1).clone()
-        squared = self.svgd.step(x, y)
+        device = self.initial_particles.device.type
+        self._autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        with torch.autocast(device, enabled=False):  # Pyro's kernel products write the float32 particles' .grad
+            squared = self.svgd.step(x, y)
         self.num_steps += 1
         return {"loss": self.factor * self._last_loss / self.num_particles, "sq_grad": float(squared[THETA])}
 
