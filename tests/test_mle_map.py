@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro_ibdr import BayesianLoRA
+from pyro_ibdr.initialisation import seeded_particles
 from pyro_ibdr.methods import OptimSettings, create_method
 from tests._dummies.data import digits
 from tests._dummies.nets import lora_mlp
@@ -14,14 +15,16 @@ PRIOR_SCALE = 0.5
 
 
 @pytest.fixture
-def setup() -> tuple[BayesianLoRA, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The digits model (N = 1000, s = 0.5), a minibatch of 16, and g = ∇ mean CE at θ0 (the per-example gradient)."""
+def setup() -> tuple[BayesianLoRA, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The digits model (N = 1000, s = 0.5), a minibatch of 16, the start θ0 of seed 0, and g = ∇ mean CE at θ0
+    (the per-example gradient)."""
     x, y, _, _ = digits(n_train=1000)
     model = BayesianLoRA(lora_mlp(rank=4).eval(), num_data=len(y), prior_scale=PRIOR_SCALE)
     xb, yb = x[:16], y[:16]
-    theta = model.theta0.clone().requires_grad_(True)
+    theta0 = seeded_particles(model, 1, seed=0)[0]
+    theta = theta0.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(F.cross_entropy(model.logits(theta, xb), yb), theta)
-    return model, xb, yb, grad
+    return model, xb, yb, theta0, grad
 
 
 def one_step(name: str, model: BayesianLoRA, x: torch.Tensor, y: torch.Tensor, optim: OptimSettings) -> torch.Tensor:
@@ -32,8 +35,8 @@ def one_step(name: str, model: BayesianLoRA, x: torch.Tensor, y: torch.Tensor, o
 
 
 def test_mle_step_is_a_cross_entropy_step_and_map_adds_the_prior_gradient(setup):
-    model, x, y, grad = setup
-    n, theta0, lr = model.num_data, model.theta0, 1e-3
+    model, x, y, theta0, grad = setup
+    n, lr = model.num_data, 1e-3
     sgd = OptimSettings(lr=lr, optimizer="sgd", momentum=0.0)
     # ELBO units: the loss is N times the per-example objective, so SGD moves θ by lr·N·(per-example gradient).
     torch.testing.assert_close(one_step("mle", model, x, y, sgd), theta0 - lr * n * grad)
@@ -44,22 +47,22 @@ def test_mle_step_is_a_cross_entropy_step_and_map_adds_the_prior_gradient(setup)
 
 
 def test_mle_and_map_losses_differ_by_the_negative_log_prior(setup):
-    model, x, y, _ = setup
+    model, x, y, theta0, _ = setup
     losses = {}
     for name in ("mle", "map"):
         pyro.clear_param_store()
         method = create_method(name, model, optim=OptimSettings(lr=1e-12, optimizer="sgd", momentum=0.0))
         losses[name] = method.step(x, y)["loss"]
-    nll = model.num_data * float(F.cross_entropy(model.logits(model.theta0, x), y))
+    nll = model.num_data * float(F.cross_entropy(model.logits(theta0, x), y))
     assert losses["mle"] == pytest.approx(nll, rel=1e-5)
-    neg_log_prior = -float(model.prior().log_prob(model.theta0))
+    neg_log_prior = -float(model.prior().log_prob(theta0))
     assert losses["map"] == pytest.approx(nll + neg_log_prior, rel=1e-5)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_the_prior_is_coupled_weight_decay_and_adamw_decay_is_not(setup, optimizer):
     """MAP equals MLE with torch's coupled weight decay 1/s² (ELBO units; 1/(N s²) per example), for SGD and Adam."""
-    model, x, y, _ = setup
+    model, x, y, _, _ = setup
     lr, decay = 1e-3, 1 / PRIOR_SCALE**2
     theta_map = one_step("map", model, x, y, OptimSettings(lr=lr, optimizer=optimizer, momentum=0.0))
     coupled = one_step("mle", model, x, y, OptimSettings(lr=lr, optimizer=optimizer, momentum=0.0, weight_decay=decay))
