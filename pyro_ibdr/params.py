@@ -16,6 +16,16 @@ def _is_lora_factor(name: str) -> bool:
     return ".lora_" in name or name.startswith("lora_")
 
 
+def is_lora_a(name: str) -> bool:
+    """A peft LoRA down-projection ``A`` (``...lora_A.<adapter>.weight``)."""
+    return ".lora_A." in name or name.startswith("lora_A.")
+
+
+def is_lora_b(name: str) -> bool:
+    """A peft LoRA up-projection ``B`` (``...lora_B.<adapter>.weight``)."""
+    return ".lora_B." in name or name.startswith("lora_B.")
+
+
 def lora_only(name: str, param: nn.Parameter) -> bool:
     """Select only the LoRA factors (not the ``modules_to_save`` heads)."""
     return param.requires_grad and _is_lora_factor(name)
@@ -70,6 +80,11 @@ class ParamSpec:
         lead = theta.shape[:-1]
         chunks = torch.split(theta, self.numels, dim=-1)
         return {n: c.reshape(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
+
+    def entry_mask(self, select: Callable[[str], bool]) -> torch.Tensor:
+        """(D,) bool: True on the entries of θ that belong to a tensor whose name ``select`` accepts."""
+        return torch.cat([torch.full((k,), bool(select(name)))
+                          for name, k in zip(self.names, self.numels, strict=True)])
 
     def lora_a_bounds(self) -> torch.Tensor:
         """Per-entry bound b = 1/sqrt(fan_in) of peft's default uniform init of ``A`` (0 elsewhere).
