@@ -3,6 +3,7 @@ registered by name."""
 
 from .base import METHODS, Method, MethodConfig, OptimSettings, create_method
 from .bbb import BayesByBackprop, BBBConfig
+from .blob import BLoB, BLoBConfig
 from .ensemble import DeepEnsemble, EnsembleConfig
 from .ibdr import IBDR, IBDRConfig
 from .map import MAP, MAPConfig
@@ -20,6 +21,8 @@ __all__ = [
     "SAM",
     "SGLD",
     "BBBConfig",
+    "BLoB",
+    "BLoBConfig",
     "BayesByBackprop",
     "DeepEnsemble",
     "EnsembleConfig",
