@@ -2,6 +2,7 @@
 registered by name."""
 
 from .base import METHODS, Method, MethodConfig, OptimSettings, create_method
+from .bayestune import BayesTune, BayesTuneConfig
 from .bbb import BayesByBackprop, BBBConfig
 from .blob import BLoB, BLoBConfig
 from .ensemble import DeepEnsemble, EnsembleConfig
@@ -24,6 +25,8 @@ __all__ = [
     "BLoB",
     "BLoBConfig",
     "BayesByBackprop",
+    "BayesTune",
+    "BayesTuneConfig",
     "DeepEnsemble",
     "EnsembleConfig",
     "IBDRConfig",
