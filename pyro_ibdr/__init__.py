@@ -14,6 +14,7 @@ from .model import BayesianLoRA
 from .params import ParamSpec, lora_only, trainable
 from .posterior import EmpiricalPosterior, GaussianPosterior, ParticlePosterior, Posterior
 from .predictive import predict_loader, predictive_probs
+from .tfb import bayesianize
 from .train import FitResult, fit
 
 __version__ = "0.1.0.dev0"
@@ -31,6 +32,7 @@ __all__ = [
     "ParticleGuide",
     "ParticlePosterior",
     "Posterior",
+    "bayesianize",
     "create_method",
     "dpp_log_volume",
     "evaluate",
