@@ -7,6 +7,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -176,9 +177,29 @@ def method_options(method: str, particles: int, extra: dict[str, dict[str, Any]]
 
 def test_time_samples(posterior: Posterior, requested: int) -> int:
     """S for prediction: a point-mass particle posterior is evaluated on its K particles exactly once."""
-    if isinstance(posterior, ParticlePosterior) and float(posterior.sigma) == 0 and not posterior.dropout_at_test:
+    if isinstance(posterior, ParticlePosterior) and posterior.is_point_mass and not posterior.dropout_at_test:
         return posterior.num_particles
     return requested
+
+
+#: A post-hoc step on a trained posterior: (model, posterior) -> (new posterior, JSON-ready facts about it), or
+#: None when the step does not apply to that posterior (e.g. TFB on a posterior that is not point masses).
+PostHoc = Callable[[BayesianLoRA, Posterior], tuple[Posterior, dict[str, Any]] | None]
+
+
+def _evaluate(model: BayesianLoRA, posterior: Posterior, unit: Unit, *, test_loader: Callable[[], Iterable],
+              num_samples: int, ensemble: str, output: Path | None, device: str | torch.device) -> dict[str, Any]:
+    """Test metrics of one posterior (fixed draws), the evaluation time, and its reliability diagram."""
+    samples = test_time_samples(posterior, num_samples)
+    start = time.perf_counter()
+    draws = fixed_draws(posterior, samples, seed=unit.seed)
+    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device)
+    metrics = {**evaluate_predictions(probs, targets, mode=ensemble), "ensemble": ensemble, "num_samples": samples}
+    eval_seconds = time.perf_counter() - start
+    if output is not None:
+        reliability_diagram(ensemble_probs(probs, ensemble), targets,
+                            Path(output) / "reliability" / f"{unit.key}.png", title=f"{unit.method} on {unit.task}")
+    return {"metrics": metrics, "test_samples": samples, "eval_time_s": eval_seconds}
 
 
 def train_and_evaluate(
@@ -193,40 +214,83 @@ def train_and_evaluate(
     ensemble: str = "mean_probs",
     output: Path | None = None,
     device: str | torch.device = "cpu",
+    post_hoc: dict[str, PostHoc] | None = None,
 ) -> dict[str, Any]:
     """Fit ``unit.method`` on a fresh LoRA model, then evaluate it once on the test loader.
 
     ``test_loader`` is called only after training, so test data is never read before training ends.
     Returns a JSON-ready record: test metrics, the cost of training, the per-epoch history and method state.
+    Each ``post_hoc`` step (e.g. ``{"tfb": ...}``) runs on the trained posterior, before any test data is
+    read, and its result is evaluated the same way under ``record["post_hoc"][name]`` (``{"skipped": ...}``
+    when it does not apply); :func:`with_post_hoc` turns these into rows of their own.
     """
     pyro.set_rng_seed(unit.seed)  # the LoRA initialisation must not depend on the units that ran before
     model = BayesianLoRA(build_net().to(device), num_data=num_data)
     result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, **fit_options)
-    samples = test_time_samples(result.posterior, num_samples)
-    start = time.perf_counter()
-    draws = fixed_draws(result.posterior, samples, seed=unit.seed)
-    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device)
-    metrics = {**evaluate_predictions(probs, targets, mode=ensemble), "ensemble": ensemble, "num_samples": samples}
-    eval_seconds = time.perf_counter() - start
-    if output is not None:
-        reliability_diagram(ensemble_probs(probs, ensemble), targets,
-                            Path(output) / "reliability" / f"{unit.key}.png", title=f"{unit.method} on {unit.task}")
-    return {
-        "metrics": metrics,
+    derived: dict[str, tuple[Posterior, dict[str, Any], float] | None] = {}
+    for name, step in (post_hoc or {}).items():
+        start = time.perf_counter()
+        outcome = step(model, result.posterior)
+        derived[name] = None if outcome is None else (*outcome, time.perf_counter() - start)
+    evaluation = partial(_evaluate, model, test_loader=test_loader, num_samples=num_samples, ensemble=ensemble,
+                         output=output, device=device)
+    evaluated = evaluation(result.posterior, unit)
+    record = {
+        "metrics": evaluated["metrics"],
         "cost": {
             "steps": result.steps,
             "wall_time_s": result.wall_time_s,
             "time_per_step_s": result.time_per_step_s,
             "passes_per_step": result.passes_per_step,
             "num_particles_or_samples": result.num_particles_or_samples,
-            "test_samples": samples,
+            "test_samples": evaluated["test_samples"],
             "peak_memory_mb": result.peak_memory_mb,
-            "eval_time_s": eval_seconds,
+            "eval_time_s": evaluated["eval_time_s"],
             "trainable_parameters": model.dim,
         },
         "history": result.history,
         "state": _json_ready(result.state),
     }
+    if post_hoc:
+        record["post_hoc"] = {}
+        for name, outcome in derived.items():
+            if outcome is None:
+                record["post_hoc"][name] = {"skipped": f"{name} does not apply to this {unit.method} posterior"}
+                continue
+            posterior, facts, seconds = outcome
+            done = evaluation(posterior, Unit(unit.task, f"{unit.method}+{name}", unit.seed))
+            record["post_hoc"][name] = {"metrics": done["metrics"], "test_samples": done["test_samples"],
+                                        "eval_time_s": done["eval_time_s"], "post_hoc_time_s": seconds,
+                                        "state": _json_ready(facts)}
+    return record
+
+
+def check_post_hoc(store: ResultStore, units: Iterable[Unit], names: Sequence[str]) -> None:
+    """A usage error, before any training, when a finished unit's record lacks a requested post-hoc step (it
+    was written by a run without it); reusing it would silently drop that step's rows."""
+    for unit in units:
+        if names and store.done(unit):
+            missing = [n for n in names if n not in store.load(unit).get("post_hoc", {})]
+            if missing:
+                raise click.UsageError(f"{store.path(unit)} was written without --post-hoc {','.join(missing)}; "
+                                       "delete it or choose another --output")
+
+
+def with_post_hoc(records: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:
+    """The records, each followed by one row per applied post-hoc step in ``names``, as method
+    ``"<method>+<step>"``: that step's test metrics and evaluation cost, the parent's training cost."""
+    rows = []
+    for record in records:
+        rows.append(record)
+        for name in names:
+            derived = record.get("post_hoc", {}).get(name)
+            if derived is None or "skipped" in derived:
+                continue
+            cost = {**record["cost"], "test_samples": derived["test_samples"], "eval_time_s": derived["eval_time_s"],
+                    "post_hoc_time_s": derived["post_hoc_time_s"]}
+            rows.append({"task": record["task"], "method": f"{record['method']}+{name}", "seed": record["seed"],
+                         "metrics": derived["metrics"], "cost": cost, "state": derived["state"]})
+    return rows
 
 
 def _json_ready(value: Any) -> Any:
