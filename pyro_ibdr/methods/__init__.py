@@ -6,6 +6,7 @@ from .bayestune import BayesTune, BayesTuneConfig
 from .bbb import BayesByBackprop, BBBConfig
 from .blob import BLoB, BLoBConfig
 from .ensemble import DeepEnsemble, EnsembleConfig
+from .fhbi import FHBI, FHBIConfig
 from .ibdr import IBDR, IBDRConfig
 from .map import MAP, MAPConfig
 from .mc_dropout import MCDropout, MCDropoutConfig
@@ -15,6 +16,7 @@ from .sgld import SGLD, SGLDConfig
 from .svgd import SteinVGD, SVGDConfig
 
 __all__ = [
+    "FHBI",
     "IBDR",
     "MAP",
     "METHODS",
@@ -29,6 +31,7 @@ __all__ = [
     "BayesTuneConfig",
     "DeepEnsemble",
     "EnsembleConfig",
+    "FHBIConfig",
     "IBDRConfig",
     "MAPConfig",
     "MCDropout",

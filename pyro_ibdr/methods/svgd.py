@@ -75,14 +75,16 @@ class SteinVGD(Method):
         self.kernel_name = c.kernel
         self.kernel = make_kernel(c.kernel, c.bandwidth_factor)
         self.optim = self.optim_settings.pyro_optimizer()
-        self.svgd = SVGD(
-            model, self.kernel, self.optim, num_particles=self.num_particles,
-            max_plate_nesting=model.max_plate_nesting, mode="multivariate",
-        )
+        self.svgd = self._make_svgd()
         self.initial_particles = model.init_particles(self.num_particles, torch.Generator().manual_seed(seed))
         self.num_steps = 0
         self.svgd.loss = self._recording(self.svgd.loss)
         self._last_loss = float("nan")
+
+    def _make_svgd(self) -> SVGD:
+        """Pyro's SVGD over the model's θ site, one joint kernel over all of θ."""
+        return SVGD(self.model, self.kernel, self.optim, num_particles=self.num_particles,
+                    max_plate_nesting=self.model.max_plate_nesting, mode="multivariate")
 
     def _recording(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
