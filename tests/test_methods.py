@@ -14,7 +14,7 @@ from pyro_ibdr.posterior import EmpiricalPosterior, GaussianPosterior, ParticleP
 from tests._dummies.data import digits, minibatches
 from tests._dummies.nets import lora_mlp
 
-BASELINES = ("map", "ensemble", "sam", "bbb", "svgd", "sa_bnn", "sgld", "mc_dropout")
+BASELINES = ("map", "ensemble", "sam", "bbb", "svgd", "sa_bnn", "sgld", "mc_dropout", "blob", "bayestune", "fhbi")
 
 
 def digits_model(dropout: float = 0.0, prior_scale: float = 1.0) -> tuple[BayesianLoRA, tuple]:
@@ -37,6 +37,11 @@ LEARNING = {
     "sa_bnn": ({"num_samples": 3}, 0.02, 150, GaussianPosterior),
     "sgld": ({"burn_in": 100, "thin": 10, "num_samples": 8}, 0.2, 200, EmpiricalPosterior),
     "mc_dropout": ({}, 0.02, 150, ParticlePosterior),
+    "blob": ({}, 0.02, 150, GaussianPosterior),
+    # half the steps select 20% of θ (N̂ = 1e5 weakens the Laplace prior, as the paper tunes N̂), half train them
+    "bayestune": ({"selection_steps": 150, "keep_fraction": 0.2, "effective_num_data": 1e5}, 0.02, 300,
+                  ParticlePosterior),
+    "fhbi": ({"num_particles": 3}, 0.02, 150, ParticlePosterior),
 }
 
 
@@ -70,6 +75,9 @@ def test_passes_per_step_count_forward_backward_passes():
         ("svgd", (("num_particles", 5),)): 5,
         ("bbb", (("num_samples", 3),)): 3,
         ("sa_bnn", (("num_samples", 3),)): 6,
+        ("blob", (("num_samples", 2),)): 2,
+        ("bayestune", ()): 1,
+        ("fhbi", (("num_particles", 3),)): 6,
     }
     for (name, options), passes in expected.items():
         assert create_method(name, model, **dict(options)).passes_per_step == passes, name
