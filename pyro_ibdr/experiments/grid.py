@@ -20,7 +20,8 @@ from ..io import write_csv, write_json
 from ..methods import METHODS
 from ..metrics import ensemble_probs, evaluate_predictions
 from ..model import BayesianLoRA
-from ..posterior import ParticlePosterior, Posterior
+from ..posterior import Posterior
+from ..precision import AUTOCAST_DTYPES, Precision
 from ..predictive import predict_loader
 from ..train import fit
 from .plots import reliability_diagram
@@ -167,19 +168,11 @@ def write_summary(folder: str | Path, records: Sequence[dict[str, Any]], config:
     return rows
 
 
-def method_options(method: str, particles: int, extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Constructor options of ``method``: its ensemble size (K particles, or K training samples for BBB/SA-BNN:
-    the config's ``size_field``) plus ``extra[method]``."""
-    size_field = METHODS[method].config_class.size_field
-    options = {size_field: particles} if size_field else {}
-    return {**options, **(extra or {}).get(method, {})}
-
-
-def test_time_samples(posterior: Posterior, requested: int) -> int:
-    """S for prediction: a point-mass particle posterior is evaluated on its K particles exactly once."""
-    if isinstance(posterior, ParticlePosterior) and posterior.is_point_mass and not posterior.dropout_at_test:
-        return posterior.num_particles
-    return requested
+def precision_option(command: Callable) -> Callable:
+    """The ``--precision`` option shared by the experiment commands."""
+    return click.option("--precision", type=click.Choice(list(AUTOCAST_DTYPES)), default="fp32",
+                        help="Autocast of the network in training and test: fp32 (none), bf16 or fp16; θ, softmax and "
+                             "metrics stay float32.")(command)
 
 
 #: A post-hoc step on a trained posterior: (model, posterior) -> (new posterior, JSON-ready facts about it), or
@@ -188,12 +181,16 @@ PostHoc = Callable[[BayesianLoRA, Posterior], tuple[Posterior, dict[str, Any]] |
 
 
 def _evaluate(model: BayesianLoRA, posterior: Posterior, unit: Unit, *, test_loader: Callable[[], Iterable],
-              num_samples: int, ensemble: str, output: Path | None, device: str | torch.device) -> dict[str, Any]:
-    """Test metrics of one posterior (fixed draws), the evaluation time, and its reliability diagram."""
-    samples = test_time_samples(posterior, num_samples)
+              num_samples: int, output: Path | None, device: str | torch.device, precision: Precision
+              ) -> dict[str, Any]:
+    """Test metrics of one posterior (fixed draws, its own prediction mode), the evaluation time, and its
+    reliability diagram. Point masses are evaluated on each particle once, others with ``num_samples`` draws."""
     start = time.perf_counter()
-    draws = fixed_draws(posterior, samples, seed=unit.seed)
-    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device)
+    requested = None if posterior.natural_num_samples else num_samples
+    draws = fixed_draws(posterior, requested, seed=unit.seed)
+    samples, ensemble = posterior.num_draws(requested), posterior.prediction
+    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device, seed=unit.seed,
+                                    precision=precision)
     metrics = {**evaluate_predictions(probs, targets, mode=ensemble), "ensemble": ensemble, "num_samples": samples}
     eval_seconds = time.perf_counter() - start
     if output is not None:
@@ -211,14 +208,17 @@ def train_and_evaluate(
     num_data: int,
     fit_options: dict[str, Any],
     num_samples: int,
-    ensemble: str = "mean_probs",
     output: Path | None = None,
     device: str | torch.device = "cpu",
     post_hoc: dict[str, PostHoc] | None = None,
+    precision: Precision = "fp32",
 ) -> dict[str, Any]:
     """Fit ``unit.method`` on a fresh LoRA model, then evaluate it once on the test loader.
 
-    ``test_loader`` is called only after training, so test data is never read before training ends.
+    ``test_loader`` is called only after training, so test data is never read before training ends. Point-mass
+    posteriors are evaluated on each particle once; others with ``num_samples`` draws (``Posterior.num_draws``);
+    the ensemble combines them in the posterior's own prediction mode.
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) is the autocast setting of training and prediction.
     Returns a JSON-ready record: test metrics, the cost of training, the per-epoch history and method state.
     Each ``post_hoc`` step (e.g. ``{"tfb": ...}``) runs on the trained posterior, before any test data is
     read, and its result is evaluated the same way under ``record["post_hoc"][name]`` (``{"skipped": ...}``
@@ -226,14 +226,14 @@ def train_and_evaluate(
     """
     pyro.set_rng_seed(unit.seed)  # the LoRA initialisation must not depend on the units that ran before
     model = BayesianLoRA(build_net().to(device), num_data=num_data)
-    result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, **fit_options)
+    result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, precision=precision, **fit_options)
     derived: dict[str, tuple[Posterior, dict[str, Any], float] | None] = {}
     for name, step in (post_hoc or {}).items():
         start = time.perf_counter()
         outcome = step(model, result.posterior)
         derived[name] = None if outcome is None else (*outcome, time.perf_counter() - start)
-    evaluation = partial(_evaluate, model, test_loader=test_loader, num_samples=num_samples, ensemble=ensemble,
-                         output=output, device=device)
+    evaluation = partial(_evaluate, model, test_loader=test_loader, num_samples=num_samples,
+                         output=output, device=device, precision=precision)
     evaluated = evaluation(result.posterior, unit)
     record = {
         "metrics": evaluated["metrics"],

@@ -6,20 +6,28 @@ from .bayestune import BayesTune, BayesTuneConfig
 from .bbb import BayesByBackprop, BBBConfig
 from .blob import BLoB, BLoBConfig
 from .ensemble import DeepEnsemble, EnsembleConfig
+from .fft import FFT, FFTConfig
 from .fhbi import FHBI, FHBIConfig
 from .ibdr import IBDR, IBDRConfig
+from .ivon import IVON, IVONConfig
+from .laplace import LaplaceConfig, LaplaceLoRA, LaplacePosterior
 from .map import MAP, MAPConfig
 from .mc_dropout import MCDropout, MCDropoutConfig
+from .mle import MLE, MLEConfig
+from .pvera import PVeRA, PVeRAConfig
 from .sa_bnn import SABNN, SABNNConfig
 from .sam import SAM, SAMConfig
 from .sgld import SGLD, SGLDConfig
 from .svgd import SteinVGD, SVGDConfig
 
 __all__ = [
+    "FFT",
     "FHBI",
     "IBDR",
+    "IVON",
     "MAP",
     "METHODS",
+    "MLE",
     "SABNN",
     "SAM",
     "SGLD",
@@ -31,14 +39,22 @@ __all__ = [
     "BayesTuneConfig",
     "DeepEnsemble",
     "EnsembleConfig",
+    "FFTConfig",
     "FHBIConfig",
     "IBDRConfig",
+    "IVONConfig",
+    "LaplaceConfig",
+    "LaplaceLoRA",
+    "LaplacePosterior",
     "MAPConfig",
     "MCDropout",
     "MCDropoutConfig",
+    "MLEConfig",
     "Method",
     "MethodConfig",
     "OptimSettings",
+    "PVeRA",
+    "PVeRAConfig",
     "SABNNConfig",
     "SAMConfig",
     "SGLDConfig",

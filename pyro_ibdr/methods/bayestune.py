@@ -66,7 +66,9 @@ class BayesTune(Method):
     with SGLD (the paper's Eq. 5): each step follows the gradient of U/N̂, U = −log p(λ) − log p(θ | λ) −
     (N̂/B) Σ_b log p(y_b | x_b, θ), plus injected noise γ √(2/(N̂·lr)) ξ, ξ ~ N(0, I), as the authors' code
     does; with ``optimizer="sgd"`` this is SGLD with step size ε = 2·lr/N̂ and temperature γ², with Adam
-    (the default here and in the authors' code) the noisy gradient is preconditioned. λ has its own rate
+    (the default here and in the authors' code) the noisy gradient is preconditioned. As for SGLD, ``lr`` is
+    always in the per-example units of ``OptimSettings(objective_scale="per_example")``, whatever
+    ``objective_scale`` says (the paper's own units). λ has its own rate
     (``scale_lr``) and is clamped at 1e-8 after each step. After burn-in, λ̂ accumulates the running mean of
     λ; at the end of stage 1 the k = round(p·D) entries with the largest λ̂ are selected. Stage 2 restarts
     from θ0 (the authors' stage 2 reloads the initial model) and minimises the plain per-example NLL over the

@@ -103,7 +103,9 @@ class BLoB(Method):
 
         −(1/S) Σ_s (N/B) Σ_b log p(y_b | x_b, θ_s) + M π_i KL(q ‖ p),   π_i = 2^i / (2^{M+1} − 1)
 
-    (the increasing weights of the authors' code; Σ_i π_i ≈ 1, so an epoch sums to the ELBO). The posterior
+    (the increasing weights of the authors' code; Σ_i π_i ≈ 1, so an epoch sums to the ELBO), times 1/N with
+    ``optim.objective_scale="per_example"`` (``step`` logs ``loss`` in those units, ``data`` and ``kl`` as they
+    are). The posterior
     is :class:`~pyro_ibdr.GaussianPosterior` with zero scale outside A; the paper predicts with N = 10 draws
     (``BLoBConfig.test_samples``). Defaults are the paper's: ε = 0.05, β = 0.2, S = 1.
 
@@ -155,7 +157,7 @@ class BLoB(Method):
         data = log_likelihood(model, theta.squeeze(-2), x, y).mean()
         kl = self.kl()
         weight = self.kl_weight(self.num_steps)
-        loss = -data + weight * kl
+        loss = self.optim_settings.scale_factor(model.num_data) * (-data + weight * kl)
         self.terms = {"loss": float(loss.detach()), "data": float(-data.detach()), "kl": float(kl.detach()),
                       "kl_weight": weight}
         return loss
