@@ -101,3 +101,15 @@ def test_bad_settings_and_models_without_lora_a_are_refused():
                               select=lambda name, p: p.requires_grad and not lora_only(name, p))
     with pytest.raises(ValueError, match="needs LoRA A factors"):
         create_method("blob", heads_only)
+
+
+def test_per_example_units_divide_the_objective_by_n():
+    model, (x, y, _, _) = digits_model()
+    logs = {}
+    for units in ("elbo", "per_example"):
+        pyro.clear_param_store()  # the guide's parameters live in Pyro's global store
+        method = create_method("blob", model, optim=OptimSettings(lr=0.02, objective_scale=units), seed=0)
+        pyro.set_rng_seed(1)  # the same draw of A in both runs
+        logs[units] = method.step(x[:32], y[:32])
+    assert logs["per_example"]["loss"] == pytest.approx(logs["elbo"]["loss"] / model.num_data, rel=1e-5)
+    assert logs["per_example"]["kl"] == pytest.approx(logs["elbo"]["kl"], rel=1e-6)
