@@ -15,6 +15,7 @@ from .params import ParamSpec, lora_only, trainable
 from .posterior import EmpiricalPosterior, GaussianPosterior, ParticlePosterior, Posterior
 from .predictive import posterior_predictive, predict_loader, predictive_probs
 from .presets import OFFICIAL, PAPER, Preset
+from .tfb import bayesianize
 from .train import FitResult, fit
 
 __version__ = "0.1.0.dev0"
@@ -35,6 +36,7 @@ __all__ = [
     "ParticlePosterior",
     "Posterior",
     "Preset",
+    "bayesianize",
     "create_method",
     "dpp_log_volume",
     "evaluate",

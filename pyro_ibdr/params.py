@@ -18,6 +18,16 @@ def is_lora_factor(name: str) -> bool:
     return ".lora_" in name or name.startswith("lora_")
 
 
+def is_lora_a(name: str) -> bool:
+    """A peft LoRA down-projection ``A`` (``...lora_A.<adapter>.weight``)."""
+    return ".lora_A." in name or name.startswith("lora_A.")
+
+
+def is_lora_b(name: str) -> bool:
+    """A peft LoRA up-projection ``B`` (``...lora_B.<adapter>.weight``)."""
+    return ".lora_B." in name or name.startswith("lora_B.")
+
+
 def _is_saved_module(name: str) -> bool:
     return ".modules_to_save." in name
 
@@ -77,10 +87,13 @@ class ParamSpec:
         chunks = torch.split(theta, self.numels, dim=-1)
         return {n: c.reshape(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
 
+    def entry_mask(self, select: Callable[[str], bool]) -> torch.Tensor:
+        """(D,) bool: True on the entries of θ that belong to a tensor whose name ``select`` accepts."""
+        return torch.cat([torch.full((k,), bool(select(name)))
+                          for name, k in zip(self.names, self.numels, strict=True)])
     def head_mask(self) -> torch.Tensor:
         """Boolean (D,): True for the entries of peft ``modules_to_save`` copies (the trained task heads)."""
-        parts = [torch.full((k,), _is_saved_module(name)) for name, k in zip(self.names, self.numels, strict=True)]
-        return torch.cat(parts)
+        return self.entry_mask(_is_saved_module)
 
     def lora_a_bounds(self) -> torch.Tensor:
         """Per-entry bound b = 1/sqrt(fan_in) of peft's default uniform init of ``A`` (0 elsewhere).

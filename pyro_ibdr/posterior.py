@@ -115,28 +115,57 @@ def _check_rows(name: str, value: torch.Tensor) -> torch.Tensor:
 
 
 class ParticlePosterior(Posterior):
-    """(1/K) Σ_i N(μ_i, σ² I); σ = 0 gives K point masses (IBDR, deep ensembles, SVGD, MAP with K = 1).
+    """(1/K) Σ_i N(μ_i, σ_i² diag(w_i²)): K particles μ_i, each with a scale σ_i and per-entry multipliers w_i.
+
+    ``sigma`` is one σ shared by all particles, shape (), or one per particle, shape (K,); σ = 0 gives K point
+    masses (IBDR, deep ensembles, SVGD, MAP with K = 1). ``relative_scale`` (w, default 1: isotropic over all
+    of θ) is shape (D,) or (K, D); it confines the noise to some entries and shapes it, e.g. TFB's noise on
+    the LoRA A factors only (:func:`pyro_ibdr.tfb.bayesianize`).
 
     Draws are exactly stratified: draw s comes from component s mod K and S must be a multiple of K, so each
-    component gets S/K draws. Point masses (σ = 0, no dropout at test) are predicted with S = K, each particle
-    once; a mixture with σ > 0 (or dropout) with any multiple of K, by default the smallest one ≥ 8.
+    component gets S/K draws. Point masses (every σ_i w_i = 0, no dropout at test) are predicted with S = K,
+    each particle once; a mixture with noise (or dropout) with any multiple of K, by default the smallest one ≥ 8.
+
+    :raises ValueError: for a σ or w of the wrong shape, negative, or not finite.
     """
 
     kind = "particles"
 
-    def __init__(self, particles: torch.Tensor, sigma: torch.Tensor | float = 0.0) -> None:
+    def __init__(self, particles: torch.Tensor, sigma: torch.Tensor | float = 0.0,
+                 relative_scale: torch.Tensor | None = None) -> None:
         self.particles = _check_rows("particles", particles)
+        num, dim = self.particles.shape
         self.sigma = torch.as_tensor(sigma, dtype=self.particles.dtype).detach()
-        if self.sigma.numel() != 1 or not float(self.sigma) >= 0:
-            raise ValueError(f"sigma must be a scalar >= 0, got {sigma}")
+        if self.sigma.shape not in ((), (1,), (num,)) or not torch.isfinite(self.sigma).all() or (self.sigma < 0).any():
+            raise ValueError(f"sigma must be a scalar or one value per particle ({num}), finite and >= 0; got {sigma}")
+        if self.sigma.shape == (1,):
+            self.sigma = self.sigma.reshape(())
+        self.relative_scale = None
+        if relative_scale is not None:
+            scale = relative_scale.detach().to(self.particles.dtype)
+            if scale.shape not in ((dim,), (num, dim)) or not torch.isfinite(scale).all() or (scale < 0).any():
+                raise ValueError(f"relative_scale must have shape ({dim},) or ({num}, {dim}), finite and >= 0; "
+                                 f"got shape {tuple(scale.shape)}")
+            self.relative_scale = scale
 
     @property
     def num_particles(self) -> int:
         return self.particles.shape[0]
 
     @property
+    def is_point_mass(self) -> bool:
+        """True when every component is a point mass (σ = 0 or w = 0 throughout)."""
+        return bool((self.scales() == 0).all())
+
+    def scales(self) -> torch.Tensor:
+        """The per-entry standard deviations σ_i w_i of every component, (K, D)."""
+        sigma = self.sigma.unsqueeze(-1) if self.sigma.dim() else self.sigma
+        weight = self.relative_scale if self.relative_scale is not None else torch.ones_like(self.particles)
+        return (sigma * weight).expand_as(self.particles)
+
+    @property
     def natural_num_samples(self) -> int | None:
-        return self.num_particles if float(self.sigma) == 0 and not self.dropout_at_test else None
+        return self.num_particles if self.is_point_mass and not self.dropout_at_test else None
 
     @property
     def default_num_samples(self) -> int:
@@ -167,12 +196,16 @@ class ParticlePosterior(Posterior):
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """S draws, S/K from each component (S must be a multiple of K)."""
         self._check_stratified(num_samples)
-        picked = self.particles[torch.arange(num_samples) % self.num_particles]
+        components = torch.arange(num_samples) % self.num_particles
+        picked = self.particles[components]
         noise = torch.randn(picked.shape, generator=generator).to(picked)
-        return {THETA: picked + self.sigma.to(picked) * noise}
+        return {THETA: picked + self.scales()[components] * noise}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"particles": self.particles, "sigma": self.sigma}
+        tensors = {"particles": self.particles, "sigma": self.sigma}
+        if self.relative_scale is not None:
+            tensors["relative_scale"] = self.relative_scale
+        return tensors
 
 
 class GaussianPosterior(Posterior):

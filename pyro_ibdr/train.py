@@ -147,9 +147,10 @@ def _resolve_schedule(schedule: Schedule | ScheduleName | None, total_steps: int
 
 
 def posterior_scale(posterior: Posterior) -> float | None:
-    """σ of a particle mixture, the mean scale of a Gaussian posterior, else None (for logging)."""
+    """σ of a particle mixture (the mean over particles when each has its own), the mean scale of a Gaussian
+    posterior, else None (for logging)."""
     if isinstance(posterior, ParticlePosterior):
-        return float(posterior.sigma)
+        return float(posterior.sigma.mean())
     if isinstance(posterior, GaussianPosterior):
         return float(posterior.scale.mean())
     return None
@@ -218,7 +219,8 @@ def fit(
     """Train ``method`` on ``model`` for exactly one of ``epochs`` (passes over the loader) or ``steps``.
 
     Clears Pyro's global param store and seeds torch, Python and NumPy through ``pyro.set_rng_seed(seed)``,
-    then builds the method by name (``create_method(name, model, optim=optim, seed=seed, **method_options)``).
+    then builds the method by name (``create_method(name, model, optim=optim, seed=seed, **method_options)``)
+    and tells it the run's length (``method.plan(total_steps)``).
     Every step sets the rate lr_t = ``optim.lr`` · schedule(t) and calls ``method.step(x, y)`` on a batch
     moved to ``device`` (default: the device of the model's θ₀; the model must already live there).
     With ``steps``, the loader is re-iterated as often as needed and every pass is one epoch of the history.
@@ -251,6 +253,7 @@ def fit(
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     runner = _build_method(method, model, optim, seed, method_options, preset)
+    runner.plan(total)
     base_lr = runner.optim_settings.lr
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -38,10 +38,11 @@ def posteriors(model):
         ParticlePosterior(particles, 0.01),
         GaussianPosterior(particles[0], torch.full((model.dim,), 0.02)),
         EmpiricalPosterior(particles),
+        ParticlePosterior(particles, torch.tensor([0.01, 0.02, 0.03]), relative_scale=torch.rand(3, model.dim)),
     ]
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
 def test_save_load_gives_identical_predictions(tmp_path, model, index):
     posterior = posteriors(model)[index]
     path = save_checkpoint(tmp_path / "run.pt", posterior, spec=model.spec, method="ibdr",

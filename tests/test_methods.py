@@ -19,7 +19,8 @@ from tests._dummies.data import digits, minibatches
 from tests._dummies.nets import lora_mlp, plain_mlp, pvera_mlp
 
 BASELINES = ("map", "ensemble", "sam", "bbb", "svgd", "sa_bnn", "sgld", "mc_dropout",
-             "mle", "fft", "laplace", "ivon", "pvera")
+             "mle", "fft", "laplace", "ivon", "pvera",
+             "blob", "bayestune", "fhbi")
 # PVeRA's adapters are vectors over shared random projections: at rank 8 they learn digits slowly (0.65 after 150
 # steps), at its recommended larger ranks they learn (r = 64: 0.79).
 NETWORKS = {"lora": partial(lora_mlp, rank=8), "full": plain_mlp, "pvera": partial(pvera_mlp, rank=64)}
@@ -53,6 +54,11 @@ LEARNING = {
     "laplace": ({"jacobian_batch_size": 16}, 0.02, 150, LaplacePosterior),
     "ivon": ({"ess": 10_000.0}, 1.0, 150, GaussianPosterior),
     "pvera": ({}, 0.05, 150, ParticlePosterior),
+    "blob": ({}, 0.02, 150, GaussianPosterior),
+    # half the steps select 20% of θ (N̂ = 1e5 weakens the Laplace prior, as the paper tunes N̂), half train them
+    "bayestune": ({"selection_steps": 150, "keep_fraction": 0.2, "effective_num_data": 1e5}, 0.02, 300,
+                  ParticlePosterior),
+    "fhbi": ({"num_particles": 3}, 0.02, 150, ParticlePosterior),
 }
 
 
@@ -94,6 +100,9 @@ def test_passes_per_step_count_forward_backward_passes():
         ("svgd", (("num_particles", 5),)): 5,
         ("bbb", (("num_samples", 3),)): 3,
         ("sa_bnn", (("num_samples", 3),)): 6,
+        ("blob", (("num_samples", 2),)): 2,
+        ("bayestune", ()): 1,
+        ("fhbi", (("num_particles", 3),)): 6,
     }
     for (name, options), passes in expected.items():
         model = models[METHODS[name].adapter]

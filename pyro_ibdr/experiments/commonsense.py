@@ -36,14 +36,17 @@ from pyro_ibdr.experiments.grid import (
     ResultStore,
     Unit,
     check_methods,
+    check_post_hoc,
     cli_options,
     comma_separated,
     precision_option,
     report,
     run_grid,
     train_and_evaluate,
+    with_post_hoc,
     write_summary,
 )
+from pyro_ibdr.experiments.post_hoc import anchor_indices, post_hoc_options, tfb_step
 from pyro_ibdr.experiments.text import AnswerTokenClassifier, EncoderChoiceClassifier
 from pyro_ibdr.methods import METHODS
 from pyro_ibdr.methods.base import Adapter
@@ -134,9 +137,11 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, adapter: Adapter = "lora"
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/commonsense"),
               help="Folder for runs/, reliability/, results.json and results.csv; finished runs are reused.")
 @precision_option
+@post_hoc_options(anchor_size=64)
 def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods, particles, steps, batch_size,
          max_length, lr, rank, lora_alpha, lm_head, lora_dropout, preset, diversity_weight, num_samples, max_train,
-         max_test, seeds, device, threads, output, precision) -> None:
+         max_test, seeds, device, threads, output, precision, post_hoc, tfb_tolerance, tfb_metric, tfb_anchor_size,
+         tfb_samples) -> None:
     """Fine-tune an LLM (or encoder) with LoRA on commonsense multiple-choice tasks; print ACC/ECE/NLL tables."""
     check_methods(methods)
     if source == "files" and (train_file is None or test_file is None):
@@ -175,16 +180,24 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
         loader = DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=collate,
                             generator=torch.Generator().manual_seed(unit.seed))
         fit_options = {"steps": steps, "preset": run_preset, "progress": True}
+        anchor = DataLoader([train[i] for i in anchor_indices(len(train), tfb_anchor_size, unit.seed)],
+                            batch_size=batch_size, collate_fn=collate)
+        post_hoc_steps = {"tfb": tfb_step(anchor, tolerance=tfb_tolerance, metric=tfb_metric,
+                                          num_samples=tfb_samples, seed=unit.seed, device=device)
+                          } if "tfb" in post_hoc else {}
         record = train_and_evaluate(
             unit, build_net=partial(fresh_net, unit.task, METHODS[unit.method].adapter), train_loader=loader,
             test_loader=lambda: DataLoader(test, batch_size=batch_size, collate_fn=collate), num_data=len(train),
             fit_options=fit_options, num_samples=num_samples, output=output, device=device, precision=precision,
+            post_hoc=post_hoc_steps,
         )
         return {**record, "data": {"train": len(train), "test": len(test), "dropped": split.dropped,
                                    "n_choices": split.n_choices}}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
-    records = run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True))
+    check_post_hoc(ResultStore(output), units, post_hoc)
+    records = with_post_hoc(run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True)),
+                            post_hoc)
     config = {
         "options": cli_options(), "tasks": tasks, "source": source, "model": model_name, "methods": methods,
         "seeds": list(seeds), "particles": particles, "steps": steps, "batch_size": batch_size,

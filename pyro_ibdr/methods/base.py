@@ -83,9 +83,12 @@ class MethodConfig:
     A config holds plain values only, so a saved run rebuilds its method from ``config.to_dict()``.
 
     :cvar size_field: the field that sets the ensemble size (K particles, or S training samples), or None.
+    :cvar test_samples: the method's own default number of posterior draws at test time (e.g. BLoB's N = 10),
+        or None to leave it to the caller.
     """
 
     size_field: ClassVar[str | None] = None
+    test_samples: ClassVar[int | None] = None
 
     @classmethod
     def from_options(cls, **options: Any) -> MethodConfig:
@@ -150,6 +153,7 @@ class Method(ABC):
         self.seed = seed
         self.lr = self.optim_settings.lr
         self.optim: pyro.optim.PyroOptim | None = None
+        self.planned_steps: int | None = None
 
     @property
     @abstractmethod
@@ -162,6 +166,11 @@ class Method(ABC):
     @abstractmethod
     def posterior(self) -> Posterior:
         """The current posterior (detached copies of the learned tensors)."""
+
+    def plan(self, total_steps: int) -> None:
+        """Told by :func:`~pyro_ibdr.fit` how many steps the run will take, before the first one; kept in
+        :attr:`planned_steps` (None until then) for methods with stages, e.g. BayesTune, that split the budget."""
+        self.planned_steps = total_steps
 
     def objective_units(self) -> poutine.messenger.Messenger:
         """A context that puts the model's and guide's log-densities in the units of

@@ -96,10 +96,7 @@ class SteinVGD(Method):
         self.kernel_name = c.kernel
         self.kernel = make_kernel(c.kernel, c.bandwidth_factor)
         self.optim = self.optim_settings.pyro_optimizer()
-        self.svgd = SVGD(
-            model, self.kernel, self.optim, num_particles=self.num_particles,
-            max_plate_nesting=model.max_plate_nesting, mode="multivariate",
-        )
+        self.svgd = self._make_svgd()
         self.factor = self.optim_settings.scale_factor(model.num_data)
         if self.factor != 1.0:  # Pyro's SVGD calls self.optim(params) once φ is in the .grad fields
             self.svgd.optim = _ScaledGradients(self.optim, self.factor)
@@ -108,6 +105,11 @@ class SteinVGD(Method):
         self.svgd.loss = self._recording(self.svgd.loss)
         self._last_loss = float("nan")
         self._autocast: tuple[bool, torch.dtype] = (False, torch.float32)
+
+    def _make_svgd(self) -> SVGD:
+        """Pyro's SVGD over the model's θ site, one joint kernel over all of θ."""
+        return SVGD(self.model, self.kernel, self.optim, num_particles=self.num_particles,
+                    max_plate_nesting=self.model.max_plate_nesting, mode="multivariate")
 
     def _recording(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
