@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -133,13 +134,57 @@ def normalize(normalization: Normalization = "half") -> Callable[[torch.Tensor],
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
+#: Pillow modes of 16-bit grey levels; Pillow also opens some 16-bit files (PGM, TIFF) as 32-bit ``I``.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(image: Image.Image, source: str | Path) -> Image.Image:
+    """The 8-bit RGB picture of an image in any Pillow mode.
+
+    - 16-bit grey (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``, and ``I`` with values in [0, 65535]): each level v
+      becomes round(v / 257), so 0 ↦ 0 and 65535 ↦ 255 (Pillow's own conversion clips at 255: a 16-bit
+      photo would read as almost pure white).
+    - Alpha is dropped and the stored colour kept (``LA``, ``RGBA``, ``PA``, palette transparency), as the
+      torchvision and timm loaders do; premultiplied ``La`` / ``RGBa`` are un-premultiplied first.
+    - ``1``, ``L``, ``P``, ``RGB``, ``RGBX``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: Pillow's conversion. 16-bit RGB(A)
+      PNGs are already opened by Pillow as 8-bit ``RGB``/``RGBA`` (the high byte of each sample).
+
+    :param source: the file the image came from, for error messages.
+    :raises ValueError: naming ``source`` and the mode for 32-bit float (``F``) images, which have no fixed
+        range of values, for ``I`` images with values outside [0, 65535], and for modes Pillow cannot convert.
+    """
+    mode = image.mode
+    if mode == "F":
+        raise ValueError(
+            f"{source}: image mode 'F' (32-bit float pixels) has no fixed range of values; save the images as 8- or "
+            "16-bit PNG/JPEG/TIFF"
+        )
+    if mode in SIXTEEN_BIT_MODES:
+        levels = np.asarray(image).astype(np.int64)
+        if levels.size and (levels.min() < 0 or levels.max() > 65535):
+            raise ValueError(
+                f"{source}: image mode {mode!r} holds values in [{levels.min()}, {levels.max()}], outside the 16-bit "
+                "range [0, 65535] that is read as grey levels; save the images as 8- or 16-bit PNG/TIFF"
+            )
+        return Image.fromarray(np.rint(levels / 257).astype(np.uint8)).convert("RGB")
+    if mode == "La":  # Pillow converts premultiplied grey only to LA
+        image = image.convert("LA")
+    elif mode == "P" and "transparency" in image.info:  # Pillow warns on P -> RGB with a transparency table
+        image = image.convert("RGBA")
+    try:
+        return image.convert("RGB")
+    except ValueError as err:
+        raise ValueError(f"{source}: cannot convert image mode {mode!r} to RGB: {err}") from err
+
+
 def load_image(path: Path) -> Image.Image:
-    """Open an image file as RGB; a missing or unreadable file raises an error that names it."""
+    """Open an image file as its 8-bit RGB picture (:func:`to_rgb8`, any Pillow mode); a missing, unreadable or
+    unsupported file raises an error that names it."""
     if not path.is_file():
         raise FileNotFoundError(f"image listed in the file list not found: {path}")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb8(image, path)
     except OSError as err:
         raise ValueError(f"cannot decode image {path}: {err}") from err
 
