@@ -11,6 +11,7 @@ The default is mean = std = 0.5 per channel (images in [-1, 1]), the convention 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from pyro_ibdr.experiments.data.textfile import read_lines
+
+_DIGITS = re.compile(r"[0-9]+")
 SPLITS = ("train800", "val200", "train800val200", "test")
 Split = Literal["train800", "val200", "train800val200", "test"]
 Normalization = Literal["half", "imagenet"]
@@ -93,26 +97,27 @@ def resolve_task_dir(data_dir: str | Path, task: str) -> Path:
 def read_file_list(path: str | Path) -> list[tuple[str, int]]:
     """Parse a VTAB file list: one ``relative/path <integer label>`` per line (blank lines skipped).
 
-    The path may contain spaces; the label is the last whitespace-separated field. Errors name the file
-    and the 1-based line number.
+    The path may contain spaces; the label is the last whitespace-separated field, written in ASCII digits.
+    Whitespace (spaces, tabs) around the path and the label is ignored; the file is read by
+    :func:`~pyro_ibdr.experiments.data.textfile.read_lines` (UTF-8 with or without a byte-order mark, UTF-16/32
+    with one; ``\n``, ``\r\n`` or ``\r`` line endings). Errors name the file and the 1-based line number.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"file list not found: {path}")
     entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
             raise ValueError(f"{path}:{number}: expected '<image path> <label>', got {line!r}")
-        try:
-            label = int(parts[1])
-        except ValueError:
-            raise ValueError(f"{path}:{number}: label {parts[1]!r} is not an integer") from None
-        if label < 0:
+        label = parts[1]
+        if not _DIGITS.fullmatch(label.removeprefix("-")):  # int() would also take '+1', '1_000' and '١'
+            raise ValueError(f"{path}:{number}: label {label!r} is not an integer")
+        if label.startswith("-"):
             raise ValueError(f"{path}:{number}: negative label {label}")
-        entries.append((parts[0].strip(), label))
+        entries.append((parts[0].strip(), int(label)))
     if not entries:
         raise ValueError(f"file list {path} is empty")
     return entries
