@@ -10,6 +10,7 @@ from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.runtime import get_plates
 
 from .model import THETA, BayesianLoRA
+from .param_store import shaped_param
 from .posterior import ParticlePosterior
 
 
@@ -26,7 +27,9 @@ class ParticleGuide:
     :param sigma: σ ≥ 0; σ = 0 makes every component a point mass (particles are point estimates).
     :param learn_sigma: make σ a positive ``pyro.param`` (requires σ > 0).
     :param init_loc: (K, D) initial means; default: K independent LoRA initialisations.
-    :param name: prefix of this guide's names in Pyro's param store.
+    :param name: prefix of this guide's names in Pyro's global param store. Guides of one name share their
+        parameters (Pyro's semantics); one that finds a stored parameter of another shape (e.g. another K) raises
+        ``ValueError``: clear the store (``pyro.clear_param_store()``, as :func:`~pyro_ibdr.fit` does) or rename.
     """
 
     def __init__(
@@ -62,13 +65,13 @@ class ParticleGuide:
     @property
     def loc(self) -> torch.Tensor:
         """μ (K, D)."""
-        return pyro.param(f"{self.name}.loc", lambda: self._init_loc.clone())
+        return shaped_param(f"{self.name}.loc", self._init_loc.clone, self._init_loc.shape)
 
     @property
     def scale(self) -> torch.Tensor:
         """σ (a scalar tensor)."""
         if self.learn_sigma:
-            return pyro.param(f"{self.name}.scale", lambda: torch.tensor(self.sigma), constraint=constraints.positive)
+            return shaped_param(f"{self.name}.scale", lambda: torch.tensor(self.sigma), (), constraints.positive)
         return torch.tensor(self.sigma, device=self._init_loc.device)
 
     @staticmethod

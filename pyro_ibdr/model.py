@@ -31,7 +31,8 @@ class BayesianLoRA:
 
     :param net: a module wrapped by peft (any ``nn.Module`` whose forward returns logits (B, C) or an
         object with ``.logits``). Called as ``net(x)`` or ``net(**x)`` when x is a mapping.
-    :param num_data: N, the training-set size used to scale the minibatch likelihood.
+    :param num_data: N, the training-set size used to scale the minibatch likelihood. A labelled batch larger
+        than N is an error (as in Pyro's own subsampled plate); prediction batches (no labels) may be larger.
     :param prior_scale: s, the prior standard deviation.
     :param select: which of ``net``'s parameters form θ (default: all that require grad).
     :param vectorize: evaluate particles with ``torch.vmap`` (True), a Python loop (False), or choose by
@@ -92,6 +93,12 @@ class BayesianLoRA:
         n_batch = batch_size(x)
         if y is not None and y.shape != (n_batch,):
             raise ValueError(f"labels have shape {tuple(y.shape)} but the inputs hold {n_batch} examples")
+        if y is not None and n_batch > self.num_data:
+            raise ValueError(
+                f"a training batch of {n_batch} labelled examples is larger than num_data = {self.num_data}, the "
+                "training-set size N that scales the likelihood by N/B; pass num_data=len(dataset) (not the number of "
+                "batches)"
+            )
         theta = pyro.sample(THETA, self.prior())
         logits = self.logits(theta, x)
         if not torch.isfinite(logits).all():

@@ -14,6 +14,7 @@ from pyro.infer.svgd import SteinKernel
 from ..functional import Inputs
 from ..kernels import FlooredRBFSteinKernel, ScalarRBFKernel
 from ..model import THETA, BayesianLoRA
+from ..param_store import check_stored_param
 from ..posterior import ParticlePosterior, Posterior
 from .base import Method, MethodConfig, OptimSettings
 
@@ -101,6 +102,7 @@ class SteinVGD(Method):
             # Pyro's guide would start from prior draws. Its parameter is the flat (K·1·D) vector of unconstrained
             # θ's, equal to the constrained ones on the real line; a parameter left by an earlier run is replaced.
             pyro.get_param_store()[PARTICLES_PARAM] = self.initial_particles.reshape(-1).clone()
+        check_stored_param(PARTICLES_PARAM, (self.num_particles * self.model.dim,))
         squared = self.svgd.step(x, y)
         self.num_steps += 1
         return {"loss": self._last_loss / self.num_particles, "sq_grad": float(squared[THETA])}
