@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Predictive
 
+from .dropout import dropout_mode
 from .functional import Inputs
 from .model import LOGITS, THETA, BayesianLoRA
 from .posterior import Posterior
 
 PosteriorLike = Callable | Mapping[str, torch.Tensor] | Posterior
 PREDICTIVE_PLATE = "_predictive_samples"
-
-
-@contextmanager
-def training_mode(net: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Run ``net`` in training mode (dropout on) inside the block when ``enabled``; restore its mode afterwards."""
-    was_training = net.training
-    net.train(enabled or was_training)
-    try:
-        yield
-    finally:
-        net.train(was_training)
 
 
 def _predict_guide(model: BayesianLoRA, x: Inputs, guide: Callable, num_samples: int) -> torch.Tensor:
@@ -48,7 +37,7 @@ def _predict_samples(model: BayesianLoRA, x: Inputs, samples: Mapping[str, torch
     num_samples = theta.shape[0]
     theta = theta.reshape(num_samples, *([1] * model.max_plate_nesting), theta.shape[-1])
     plate = pyro.plate(PREDICTIVE_PLATE, num_samples, dim=-(model.max_plate_nesting + 1))
-    with torch.no_grad(), training_mode(model.net, dropout), plate:
+    with torch.no_grad(), dropout_mode(model.net, dropout), plate:
         trace = poutine.trace(poutine.condition(model, data={THETA: theta})).get_trace(x)
     logits = trace.nodes[LOGITS]["value"]
     return logits.reshape(num_samples, *logits.shape[-2:]).softmax(-1)
@@ -84,8 +73,11 @@ def predict_loader(
     num_samples: int = 8,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probs (S, N, C), targets (N,)) over a loader of (x, y) batches, with the same θ samples for every batch."""
-    samples = _as_samples(posterior, num_samples)
+    """(probs (S, N, C), targets (N,)) over a loader of (x, y) batches, with the same θ samples for every batch.
+
+    With ``device``, the θ samples and every batch's inputs are moved there (the model must live there already).
+    """
+    samples = to_device(_as_samples(posterior, num_samples), device)  # e.g. a checkpoint loaded on the CPU
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     probs, targets = [], []
     for x, y in loader:

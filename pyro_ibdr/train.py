@@ -1,7 +1,8 @@
 """One training loop for every inference method: schedule, seeding, logging, timing and memory.
 
-Pyro's param store is global, so :func:`fit` clears it first: runs in one process do not leak into each
-other, and a :class:`~pyro_ibdr.methods.Method` instance passed to ``fit`` starts from its initialisation.
+Pyro's param store is global, so :func:`fit` clears it first and resets a method instance passed to it
+(:meth:`~pyro_ibdr.methods.Method.reset`): runs in one process do not leak into each other, and an instance that
+stepped before starts from its initialisation again.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def _build_method(
             raise ValueError("optim and method options apply only when the method is given by name")
         if method.model is not model:
             raise ValueError("the method instance was built for a different model")
+        method.reset()  # an instance that stepped before restarts from its initialisation
         return method
     if not isinstance(method, str):
         raise TypeError(f"method must be a Method or a registered name, got {type(method).__name__}")
@@ -191,7 +193,8 @@ def fit(
     """Train ``method`` on ``model`` for exactly one of ``epochs`` (passes over the loader) or ``steps``.
 
     Clears Pyro's global param store and seeds torch, Python and NumPy through ``pyro.set_rng_seed(seed)``,
-    then builds the method by name (``create_method(name, model, optim=optim, seed=seed, **method_options)``).
+    then builds the method by name (``create_method(name, model, optim=optim, seed=seed, **method_options)``) or
+    resets the given instance to its initialisation (:meth:`~pyro_ibdr.methods.Method.reset`).
     Every step sets the rate lr_t = ``optim.lr`` · schedule(t) and calls ``method.step(x, y)`` on a batch
     moved to ``device`` (default: the device of the model's θ₀; the model must already live there).
     With ``steps``, the loader is re-iterated as often as needed and every pass is one epoch of the history.

@@ -12,6 +12,7 @@ import torch
 from ..functional import Inputs
 from ..model import BayesianLoRA
 from ..posterior import Posterior
+from ..registry import register_subclass
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -93,16 +94,7 @@ class Method(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        name = cls.__dict__.get("name")
-        if name is None:
-            return
-        registered = METHODS.get(name)
-        if registered is not None and registered.__qualname__ != cls.__qualname__:
-            raise ValueError(
-                f"method name {name!r} is already registered by {registered.__module__}.{registered.__qualname__}; "
-                "give the new class its own name"
-            )
-        METHODS[name] = cls
+        register_subclass(METHODS, cls, "name")
 
     def __init__(
         self, model: BayesianLoRA, config: MethodConfig | None = None, optim: OptimSettings | None = None,
@@ -129,6 +121,16 @@ class Method(ABC):
     @abstractmethod
     def posterior(self) -> Posterior:
         """The current posterior (detached copies of the learned tensors)."""
+
+    def reset(self) -> None:
+        """Return to the state right after construction, as :func:`~pyro_ibdr.fit` does before every run.
+
+        A method's state is more than its parameters in Pyro's param store (which ``fit`` clears): step counters,
+        SGLD's chain, SVGD's initial particles, IBDR's λ, the optimiser. Every setting is in the constructor's
+        arguments (``config``, ``optim_settings``, ``seed``), so the constructor is run again on them. Parameters
+        in Pyro's param store are not touched here: clear the store first (``pyro.clear_param_store()``).
+        """
+        type(self).__init__(self, self.model, self.config, self.optim_settings, seed=self.seed)
 
     def set_lr(self, lr: float) -> None:
         """Apply a scheduled learning rate (to ``self.optim`` when the method has one)."""
