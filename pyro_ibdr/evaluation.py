@@ -51,6 +51,9 @@ def evaluate(
     with an ``ood_loader`` (batches (x, y), labels ignored), ``ood_{score}_{auroc,aupr,fpr95}`` for each
     score in :data:`OOD_SCORES`, with OOD examples as the positive class.
     """
+    if not isinstance(posterior, Posterior):
+        raise TypeError(f"posterior must be a Posterior (e.g. fit(...).posterior or load_checkpoint(...).posterior), "
+                        f"got {type(posterior).__name__}")
     draws = fixed_draws(posterior, num_samples, seed)
     probs, targets = predict_loader(model, draws, loader, num_samples, device=device)
     results: dict[str, float | str] = {

@@ -9,6 +9,7 @@ from pyro.distributions import constraints
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.runtime import get_plates
 
+from .checks import positive_int, real_number
 from .model import THETA, BayesianLoRA
 from .param_store import shaped_param
 from .posterior import ParticlePosterior
@@ -43,9 +44,10 @@ class ParticleGuide:
         name: str = "particle_guide",
         seed: int | None = None,
     ) -> None:
-        if num_particles < 1:
-            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
-        if not sigma >= 0:
+        if not isinstance(model, BayesianLoRA):
+            raise TypeError(f"model must be a BayesianLoRA, got {type(model).__name__}")
+        num_particles = positive_int("num_particles", num_particles)
+        if not real_number("sigma", sigma) >= 0:
             raise ValueError(f"sigma must be >= 0, got {sigma}")
         if learn_sigma and sigma == 0:
             raise ValueError("a learnable sigma needs a positive initial value")
@@ -57,6 +59,9 @@ class ParticleGuide:
         if init_loc is None:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
             init_loc = model.init_particles(self.num_particles, generator)
+        if not isinstance(init_loc, torch.Tensor) or not init_loc.is_floating_point() or not init_loc.isfinite().all():
+            got = f"dtype {init_loc.dtype}" if isinstance(init_loc, torch.Tensor) else type(init_loc).__name__
+            raise ValueError(f"init_loc must be a tensor of finite floating-point values, got {got} (or NaN/inf)")
         if init_loc.shape != (self.num_particles, model.dim):
             expected = (self.num_particles, model.dim)
             raise ValueError(f"init_loc must have shape {expected}, got {tuple(init_loc.shape)}")

@@ -15,6 +15,7 @@ from pyro import poutine
 from pyro.infer import ELBO
 from pyro.poutine.util import site_is_subsample
 
+from .checks import check_field_types
 from .diversity import dpp_log_volume
 from .model import LOGITS, THETA
 
@@ -64,6 +65,7 @@ class IBDRSettings:
     kl_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         choices = {
             "diversity": ("volume", "log_volume"),
             "data_loss": ("per_particle", "ensemble"),
@@ -80,8 +82,8 @@ class IBDRSettings:
                              f"{self.lambda_init}, {high}")
         if self.ascent == "closed_form" and low <= 0:
             raise ValueError("the closed-form ascent step g/(2λ) needs a lambda floor > 0")
-        for name in ("alpha", "jitter", "rho", "sam_radius", "kl_weight"):
-            if getattr(self, name) < 0:
+        for name in ("alpha", "jitter", "rho", "sam_radius", "kl_weight", "dual_lr"):
+            if not callable(getattr(self, name)) and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise ValueError(f"clip_norm must be positive or None, got {self.clip_norm}")
@@ -105,6 +107,8 @@ class IBDRLoss(ELBO):
 
     def __init__(self, settings: IBDRSettings | None = None, **overrides: Any) -> None:
         super().__init__(num_particles=1, max_plate_nesting=1)
+        if settings is not None and not isinstance(settings, IBDRSettings):
+            raise TypeError(f"settings must be an IBDRSettings, got {type(settings).__name__}; pass fields as keywords")
         self.settings = replace(settings or IBDRSettings(), **overrides)
         self.lam = self.settings.lambda_init
         self.terms: dict[str, float] = {}

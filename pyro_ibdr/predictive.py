@@ -43,11 +43,21 @@ def _predict_samples(model: BayesianLoRA, x: Inputs, samples: Mapping[str, torch
     return logits.reshape(num_samples, *logits.shape[-2:]).softmax(-1)
 
 
-def _as_samples(posterior: Mapping[str, torch.Tensor] | Posterior, num_samples: int) -> dict[str, torch.Tensor]:
+def _as_samples(
+    posterior: Mapping[str, torch.Tensor] | Posterior, num_samples: int, dim: int
+) -> dict[str, torch.Tensor]:
+    """``{"theta": (S, D)}`` drawn from a posterior or given, checked against the model's D."""
     samples = posterior.sample(num_samples) if isinstance(posterior, Posterior) else posterior
     if THETA not in samples:
         raise KeyError(f"posterior samples must contain {THETA!r}")
-    return {THETA: samples[THETA]}
+    theta = samples[THETA]
+    if not isinstance(theta, torch.Tensor) or theta.dim() != 2 or theta.shape[-1] != dim:
+        got = tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
+        raise ValueError(f"posterior samples {THETA!r} must have shape (S, D = {dim}), got {got} "
+                         "(a posterior of another model?)")
+    if not torch.isfinite(theta).all():
+        raise ValueError(f"posterior samples {THETA!r} contain NaN or inf")
+    return {THETA: theta}
 
 
 def predictive_probs(model: BayesianLoRA, posterior: PosteriorLike, x: Inputs, num_samples: int = 8) -> torch.Tensor:
@@ -60,9 +70,12 @@ def predictive_probs(model: BayesianLoRA, posterior: PosteriorLike, x: Inputs, n
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not isinstance(posterior, Posterior | Mapping) and not callable(posterior):
+        raise TypeError(f"posterior must be a guide, a Posterior or samples {{'theta': (S, D)}}, got "
+                        f"{type(posterior).__name__}")
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     if isinstance(posterior, Posterior | Mapping):
-        return _predict_samples(model, x, _as_samples(posterior, num_samples), dropout)
+        return _predict_samples(model, x, _as_samples(posterior, num_samples, model.dim), dropout)
     return _predict_guide(model, x, posterior, num_samples)
 
 
@@ -77,10 +90,11 @@ def predict_loader(
 
     With ``device``, the θ samples and every batch's inputs are moved there (the model must live there already).
     """
-    samples = to_device(_as_samples(posterior, num_samples), device)  # e.g. a checkpoint loaded on the CPU
+    samples = to_device(_as_samples(posterior, num_samples, model.dim), device)  # e.g. a checkpoint loaded on the CPU
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     probs, targets = [], []
-    for x, y in loader:
+    for batch in loader:
+        x, y = split_batch(batch)
         probs.append(_predict_samples(model, to_device(x, device), samples, dropout).cpu())
         targets.append(y.cpu())
     if not probs:
@@ -95,3 +109,14 @@ def to_device(x: Inputs, device: torch.device | str | None) -> Inputs:
     if isinstance(x, Mapping):
         return {k: v.to(device) for k, v in x.items()}
     return x.to(device)
+
+
+def split_batch(batch: object) -> tuple[Inputs, torch.Tensor]:
+    """(x, y) of a loader's batch, which must be a pair whose second item is the label tensor."""
+    if not isinstance(batch, tuple | list) or len(batch) != 2:
+        what = f"{type(batch).__name__} of {len(batch)}" if isinstance(batch, tuple | list) else type(batch).__name__
+        raise ValueError(f"loader batches must be (inputs, labels) pairs, got a {what}")
+    x, y = batch
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"the labels of a batch must be a tensor, got {type(y).__name__}")
+    return x, y

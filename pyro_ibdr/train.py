@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .methods.base import Method, OptimSettings, create_method
 from .model import BayesianLoRA
 from .posterior import EmpiricalPosterior, GaussianPosterior, ParticlePosterior, Posterior
-from .predictive import to_device
+from .predictive import split_batch, to_device
 from .schedules import Schedule, ScheduleName, make_schedule
 
 #: Called after every epoch with (epoch index from 0, that epoch's log record).
@@ -205,6 +205,10 @@ def fit(
     :param progress: show a progress bar (only when stderr is a terminal) with the loss and λ.
     :raises FloatingPointError: naming the step at which the loss became NaN or infinite.
     """
+    if not isinstance(model, BayesianLoRA):
+        raise TypeError(f"model must be a BayesianLoRA, got {type(model).__name__}")
+    if not all(callable(callback) for callback in callbacks):
+        raise TypeError(f"callbacks must be callables (epoch, record) -> None, got {list(callbacks)!r}")
     _check_length(epochs, steps)
     total = _total_steps(train_loader, epochs, steps)
     device = torch.device(device) if device is not None else model.theta0.device
@@ -224,7 +228,8 @@ def fit(
         for epoch, batches in groupby(_numbered_batches(train_loader, total), key=itemgetter(0)):
             sums: dict[str, float] = defaultdict(float)
             count = 0
-            for _, (x, y) in batches:
+            for _, batch in batches:
+                x, y = split_batch(batch)
                 lr = base_lr * multiplier(step)
                 runner.set_lr(lr)
                 try:

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 import pyro.optim
 import torch
 
+from ..checks import check_field_types
 from ..functional import Inputs
 from ..model import BayesianLoRA
 from ..posterior import Posterior
@@ -29,8 +30,11 @@ class OptimSettings:
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {self.optimizer!r}")
+        check_field_types(self)
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise ValueError(f"need 0 <= momentum < 1 and weight_decay >= 0, got {self.momentum}, {self.weight_decay}")
 
     def pyro_optimizer(self) -> pyro.optim.PyroOptim:
         """A Pyro optimiser (one torch optimiser per parameter tensor)."""
@@ -60,6 +64,10 @@ class MethodConfig:
     """
 
     size_field: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        """Every field must match its annotation (subclasses that check more call this first)."""
+        check_field_types(self)
 
     @classmethod
     def from_options(cls, **options: Any) -> MethodConfig:
@@ -100,6 +108,10 @@ class Method(ABC):
         self, model: BayesianLoRA, config: MethodConfig | None = None, optim: OptimSettings | None = None,
         *, seed: int = 0,
     ) -> None:
+        if not isinstance(model, BayesianLoRA):
+            raise TypeError(f"model must be a BayesianLoRA, got {type(model).__name__}")
+        if optim is not None and not isinstance(optim, OptimSettings):
+            raise TypeError(f"optim must be an OptimSettings, e.g. OptimSettings(lr=1e-3), got {type(optim).__name__}")
         config = config if config is not None else self.config_class()
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")

@@ -85,6 +85,7 @@ class BBBConfig(MethodConfig):
     kl_anneal_steps: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_mean_field(self.num_samples, self.init_scale)
         if self.kl_anneal_steps < 0:
             raise ValueError(f"kl_anneal_steps must be >= 0, got {self.kl_anneal_steps}")

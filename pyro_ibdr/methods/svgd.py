@@ -44,6 +44,7 @@ class SVGDConfig(MethodConfig):
     bandwidth_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_particles < 2:
             raise ValueError(f"SVGD needs at least 2 particles, got {self.num_particles}")
 
