@@ -43,6 +43,7 @@ from pyro_ibdr.experiments.grid import (
     train_and_evaluate,
     write_summary,
 )
+from pyro_ibdr.experiments.options import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED
 from pyro_ibdr.experiments.vision import DEFAULT_VIT, create_offline_vit, create_vit, split_qkv, vit_lora_config
 from pyro_ibdr.experiments.vtab_settings import OFFICIAL_SCHEDULE, official_vtab_settings
 from pyro_ibdr.methods import METHODS, OptimSettings
@@ -82,7 +83,7 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
               help="K particles (default 2 offline, 4 otherwise, or the official per-task K).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Epochs (default 2 offline, 150 with --data-dir as in the authors' configs).")
-@click.option("--seed", "seeds", type=int, multiple=True, default=(0,), help="Seeds; repeat for several.")
+@click.option("--seed", "seeds", type=SEED, multiple=True, default=(0,), help="Seeds; repeat for several.")
 @click.option("--model", "model_name", default=DEFAULT_VIT, help="timm architecture of the backbone.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Local backbone weights (.npz as ViT-B_16.npz, .pth or .safetensors); no network.")
@@ -94,24 +95,26 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--preset", type=click.Choice(["paper", "official"]), default="paper",
               help="paper: the paper's objective; official: the authors' code (per-task lr, LoRA rank, ε, clip, K, "
                    "RandAugment + flips, SGD + warm-up/cosine, mean-of-logits prediction).")
-@click.option("--img-size", type=int, default=None, help="Input side in px (default 56 offline, 224 otherwise).")
-@click.option("--batch-size", type=int, default=None, help="Minibatch size (default 32; 64 official).")
-@click.option("--lr", type=float, default=None, help="Learning rate (default 2e-3 Adam; per task official).")
-@click.option("--rank", type=int, default=None, help="LoRA rank (default 8; per task official).")
-@click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (default = rank; per task official).")
+@click.option("--img-size", type=POSITIVE_INT, default=None,
+              help="Input side in px (default 56 offline, 224 otherwise).")
+@click.option("--batch-size", type=POSITIVE_INT, default=None, help="Minibatch size (default 32; 64 official).")
+@click.option("--lr", type=POSITIVE_FLOAT, default=None, help="Learning rate (default 2e-3 Adam; per task official).")
+@click.option("--rank", type=POSITIVE_INT, default=None, help="LoRA rank (default 8; per task official).")
+@click.option("--lora-alpha", type=POSITIVE_FLOAT, default=None, help="LoRA alpha (default = rank; per task official).")
 @click.option("--lora-targets", type=click.Choice(["qv", "qkv"]), default="qv", help="LoRA on q,v or q,k,v.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               help="Dropout on the LoRA input (needed by mc_dropout).")
-@click.option("--sigma", type=float, default=0.0, help="IBDR's shared σ of the particle Gaussians.")
-@click.option("--alpha", "diversity_weight", type=float, default=None, help="IBDR diversity weight α.")
-@click.option("--rho", type=float, default=None, help="IBDR Wasserstein radius ρ (units of the transport cost).")
+@click.option("--sigma", type=NON_NEGATIVE_FLOAT, default=0.0, help="IBDR's shared σ of the particle Gaussians.")
+@click.option("--alpha", "diversity_weight", type=NON_NEGATIVE_FLOAT, default=None, help="IBDR diversity weight α.")
+@click.option("--rho", type=NON_NEGATIVE_FLOAT, default=None,
+              help="IBDR Wasserstein radius ρ (units of the transport cost).")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None,
               help="Posterior samples at test time for non-particle posteriors (default: K, the same ensemble size).")
 @click.option("--select", is_flag=True,
               help="Hyper-parameter selection: train on train800 and evaluate on val200 (never the test split).")
 @click.option("--max-test", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first N test images only (default 1000 offline, all otherwise).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: all cores).")
 def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpoint, pretrained, device, output,
          preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, lora_dropout, sigma, diversity_weight, rho,
          num_samples, select, max_test, threads) -> None:

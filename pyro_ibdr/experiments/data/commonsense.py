@@ -213,9 +213,12 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         for n, line in enumerate(read_lines(path), start=1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{n} is not one JSON object per line: {err}") from err
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{n} is a JSON {type(row).__name__}, not an object (one row per line)")
+                rows.append(row)
         return rows
     if suffix == ".parquet":
         import pyarrow.parquet as pq

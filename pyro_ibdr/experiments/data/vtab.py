@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from pyro_ibdr.checks import positive_int
 from pyro_ibdr.experiments.data.textfile import read_lines
 
 _DIGITS = re.compile(r"[0-9]+")
@@ -85,6 +86,8 @@ def resolve_task_dir(data_dir: str | Path, task: str) -> Path:
     """The folder of ``task`` under ``data_dir``, trying its canonical name and then each alias."""
     data_dir = Path(data_dir)
     spec = get_task(task)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"VTAB data folder not found: {data_dir}")
     candidates = [task, spec.name, *spec.aliases]
     for name in dict.fromkeys(candidates):
         if (data_dir / name).is_dir():
@@ -215,6 +218,7 @@ class VTABDataset(Dataset):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.spec = get_task(task)
+        img_size = positive_int("img_size", img_size)
         self.root = resolve_task_dir(data_dir, task)
         self.split = split
         self.samples = read_file_list(self.root / f"{split}.txt")
