@@ -104,6 +104,11 @@ class Method(ABC):
         super().__init_subclass__(**kwargs)
         register_subclass(METHODS, cls, "name")
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Method:
+        method = super().__new__(cls)
+        method._init_arguments = (args, kwargs)  # what reset() constructs again from, whatever the signature
+        return method
+
     def __init__(
         self, model: BayesianLoRA, config: MethodConfig | None = None, optim: OptimSettings | None = None,
         *, seed: int = 0,
@@ -139,10 +144,11 @@ class Method(ABC):
 
         A method's state is more than its parameters in Pyro's param store (which ``fit`` clears): step counters,
         SGLD's chain, SVGD's initial particles, IBDR's λ, the optimiser. Every setting is in the constructor's
-        arguments (``config``, ``optim_settings``, ``seed``), so the constructor is run again on them. Parameters
-        in Pyro's param store are not touched here: clear the store first (``pyro.clear_param_store()``).
+        arguments, so the constructor is run again on the arguments the instance was built with. Parameters in
+        Pyro's param store are not touched here: clear the store first (``pyro.clear_param_store()``).
         """
-        type(self).__init__(self, self.model, self.config, self.optim_settings, seed=self.seed)
+        args, kwargs = self._init_arguments
+        type(self).__init__(self, *args, **kwargs)
 
     def set_lr(self, lr: float) -> None:
         """Apply a scheduled learning rate (to ``self.optim`` when the method has one)."""
