@@ -263,7 +263,7 @@ API: list[tuple[str, Call, type[Exception], str]] = [
 
 DATA: list[tuple[str, Call, type[Exception], str]] = [
     ("vtab-missing-root", lambda w: VTABDataset(w.root / "nowhere", "eurosat", "test"), FileNotFoundError,
-     "VTAB data folder not found"),
+     "nowhere (that VTAB data folder does not exist)"),
     ("vtab-missing-task-folder", lambda w: VTABDataset(w.root / "vtab", "dtd", "test"), FileNotFoundError,
      "no folder for task 'dtd'"),
     ("vtab-unknown-task", lambda w: VTABDataset(w.root / "vtab", "imagenet", "test"), ValueError,

@@ -86,14 +86,13 @@ def resolve_task_dir(data_dir: str | Path, task: str) -> Path:
     """The folder of ``task`` under ``data_dir``, trying its canonical name and then each alias."""
     data_dir = Path(data_dir)
     spec = get_task(task)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"VTAB data folder not found: {data_dir}")
     candidates = [task, spec.name, *spec.aliases]
     for name in dict.fromkeys(candidates):
         if (data_dir / name).is_dir():
             return data_dir / name
+    missing = "" if data_dir.is_dir() else " (that VTAB data folder does not exist)"
     raise FileNotFoundError(
-        f"no folder for task {spec.name!r} under {data_dir}; tried {list(dict.fromkeys(candidates))}"
+        f"no folder for task {spec.name!r} under {data_dir}{missing}; tried {list(dict.fromkeys(candidates))}"
     )
 
 
