@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from .model import THETA
 from .registry import register_subclass
+
+if TYPE_CHECKING:
+    from .functional import Inputs
+    from .model import BayesianLoRA
 
 
 class Posterior(ABC):
@@ -19,11 +23,15 @@ class Posterior(ABC):
     then switched on while predicting (:func:`~pyro_ibdr.dropout.dropout_mode`). Subclasses that set their own
     ``kind`` are registered under it for checkpoints (a subclass without one does not replace its parent; a
     taken kind is an error).
+    ``own_predictive`` marks posteriors whose predictive is not the network at θ samples (the linearised Laplace
+    predictive): :func:`~pyro_ibdr.predictive_probs` and :func:`~pyro_ibdr.predict_loader` then call
+    :meth:`predict` instead.
     """
 
     kind: ClassVar[str]
     registry: ClassVar[dict[str, type[Posterior]]] = {}
     dropout_at_test: bool = False
+    own_predictive: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -36,6 +44,18 @@ class Posterior(ABC):
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors that define the posterior (for checkpoints)."""
+
+    def predict(
+        self, model: BayesianLoRA, x: Inputs, num_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Per-sample class probabilities (S, B, C), for a posterior with ``own_predictive``.
+
+        ``generator`` (on the model's device) fixes the draws; called with equally seeded generators, every batch
+        gets the same draws.
+
+        :raises NotImplementedError: for posteriors that predict through θ samples.
+        """
+        raise NotImplementedError(f"{type(self).__name__} predicts through θ samples (use pyro_ibdr.predictive_probs)")
 
     @property
     def dim(self) -> int:

@@ -66,13 +66,16 @@ def predictive_probs(model: BayesianLoRA, posterior: PosteriorLike, x: Inputs, n
     :param posterior: a guide (drawn ``num_samples`` times by ``pyro.infer.Predictive`` in one vectorised
         pass; a :class:`~pyro_ibdr.ParticleGuide` stratifies the draws over its components), a
         :class:`~pyro_ibdr.posterior.Posterior`, or explicit samples ``{"theta": (S, D)}`` (S overrides
-        ``num_samples``); samples are evaluated in one conditioned, vectorised pass of the model.
+        ``num_samples``); samples are evaluated in one conditioned, vectorised pass of the model. A posterior with
+        ``own_predictive`` (the linearised Laplace predictive) gives its own samples (``posterior.predict``).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if not isinstance(posterior, Posterior | Mapping) and not callable(posterior):
         raise TypeError(f"posterior must be a guide, a Posterior or samples {{'theta': (S, D)}}, got "
                         f"{type(posterior).__name__}")
+    if isinstance(posterior, Posterior) and posterior.own_predictive:
+        return posterior.predict(model, x, num_samples)
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     if isinstance(posterior, Posterior | Mapping):
         return _predict_samples(model, x, _as_samples(posterior, num_samples, model.dim), dropout)
@@ -85,17 +88,28 @@ def predict_loader(
     loader: Iterable,
     num_samples: int = 8,
     device: torch.device | str | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probs (S, N, C), targets (N,)) over a loader of (x, y) batches, with the same θ samples for every batch.
 
     With ``device``, the θ samples and every batch's inputs are moved there (the model must live there already).
+    A posterior with ``own_predictive`` predicts every batch with a generator seeded by ``seed``, so every batch
+    gets the same draws too.
     """
-    samples = to_device(_as_samples(posterior, num_samples, model.dim), device)  # e.g. a checkpoint loaded on the CPU
+    own = isinstance(posterior, Posterior) and posterior.own_predictive
+    # θ samples go to the device, e.g. for a checkpoint loaded on the CPU
+    samples = None if own else to_device(_as_samples(posterior, num_samples, model.dim), device)
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     probs, targets = [], []
     for batch in loader:
         x, y = split_batch(batch)
-        probs.append(_predict_samples(model, to_device(x, device), samples, dropout).cpu())
+        x = to_device(x, device)
+        if own:
+            generator = torch.Generator(device=model.theta0.device).manual_seed(seed)
+            batch_probs = posterior.predict(model, x, num_samples, generator)
+        else:
+            batch_probs = _predict_samples(model, x, samples, dropout)
+        probs.append(batch_probs.cpu())
         targets.append(y.cpu())
     if not probs:
         raise ValueError("the loader yielded no batches")

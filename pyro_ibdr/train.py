@@ -119,6 +119,18 @@ def _build_method(
     return create_method(method, model, optim=optim, seed=seed, **options)
 
 
+class _OnDevice:
+    """A re-iterable view of a loader whose batches (x, y) are moved to ``device``."""
+
+    def __init__(self, loader: Iterable[tuple[Any, torch.Tensor]], device: torch.device) -> None:
+        self.loader = loader
+        self.device = device
+
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
+        for x, y in self.loader:
+            yield to_device(x, self.device), y.to(self.device)
+
+
 def _resolve_schedule(schedule: Schedule | ScheduleName, total_steps: int) -> Schedule:
     return make_schedule(schedule, total_steps) if isinstance(schedule, str) else schedule
 
@@ -198,6 +210,8 @@ def fit(
     Every step sets the rate lr_t = ``optim.lr`` · schedule(t) and calls ``method.step(x, y)`` on a batch
     moved to ``device`` (default: the device of the model's θ₀; the model must already live there).
     With ``steps``, the loader is re-iterated as often as needed and every pass is one epoch of the history.
+    After the last step ``method.finalize`` gets the loader (batches moved to ``device``) for a post-hoc step such
+    as a Laplace fit; its time counts in ``wall_time_s``.
 
     :param train_loader: re-iterable batches (x, y); x a tensor or a dict of tensors.
     :param schedule: ``"constant"``, ``"warmup_cosine"`` or a callable step ↦ multiplier.
@@ -249,6 +263,7 @@ def fit(
                 callback(epoch, record)
     finally:
         bar.close()
+    runner.finalize(_OnDevice(train_loader, device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start

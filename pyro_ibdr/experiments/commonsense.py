@@ -48,6 +48,7 @@ from pyro_ibdr.experiments.grid import (
 from pyro_ibdr.experiments.options import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED
 from pyro_ibdr.experiments.text import AnswerTokenClassifier, EncoderChoiceClassifier
 from pyro_ibdr.methods import METHODS, OptimSettings
+from pyro_ibdr.methods.base import Adapter
 
 OFFLINE_LM, OFFLINE_ENCODER = "smollm2", "minilm"
 
@@ -74,17 +75,24 @@ def load_backbone(name: str, *, load_in_8bit: bool) -> tuple[object, torch.nn.Mo
     return AutoTokenizer.from_pretrained(name), AutoModelForCausalLM.from_pretrained(name, **options), False
 
 
-def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choices: int, rank: int,
-              lora_alpha: float, lm_head: bool, lora_dropout: float = 0.0) -> torch.nn.Module:
-    """Answer-letter classifier (causal LM) or multiple-choice head (encoder), with LoRA on q and v."""
+def build_net(backbone: torch.nn.Module, tokenizer, *, adapter: Adapter = "lora", is_encoder: bool, n_choices: int,
+              rank: int, lora_alpha: float, lm_head: bool, lora_dropout: float = 0.0) -> torch.nn.Module:
+    """Answer-letter classifier (causal LM) or multiple-choice head (encoder) with the method's adapter: LoRA (or
+    PVeRA, rank ``rank``) on q and v, or every weight trainable (``"full"``)."""
     if is_encoder:
-        config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                 target_modules=["query", "value"], modules_to_save=["classifier"])
-        return peft.get_peft_model(EncoderChoiceClassifier(backbone), config)
-    ids = answer_token_ids(tokenizer, LETTERS[:n_choices])
-    targets = ["q_proj", "v_proj", *(["lm_head"] if lm_head else [])]
-    config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
-    return peft.get_peft_model(AnswerTokenClassifier(backbone, ids), config)
+        net: torch.nn.Module = EncoderChoiceClassifier(backbone)
+        targets, to_save = ["query", "value"], ["classifier"]
+    else:
+        net = AnswerTokenClassifier(backbone, answer_token_ids(tokenizer, LETTERS[:n_choices]))
+        targets, to_save = ["q_proj", "v_proj", *(["lm_head"] if lm_head else [])], None
+    if adapter == "full":
+        return net.requires_grad_(True)
+    if adapter == "pvera":
+        config = peft.PveraConfig(r=rank, pvera_dropout=lora_dropout, target_modules=targets, modules_to_save=to_save)
+    else:
+        config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                                 modules_to_save=to_save)
+    return peft.get_peft_model(net, config)
 
 
 @click.command(context_settings={"show_default": True})
@@ -107,7 +115,7 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choic
 @click.option("--batch-size", type=POSITIVE_INT, default=4, help="Questions per training and test batch.")
 @click.option("--max-length", type=POSITIVE_INT, default=160, help="Prompt tokens kept, from the end (BLoB: 300).")
 @click.option("--lr", type=POSITIVE_FLOAT, default=5e-4, help="AdamW learning rate (BLoB: 1e-4).")
-@click.option("--rank", type=POSITIVE_INT, default=8, help="LoRA rank.")
+@click.option("--rank", type=POSITIVE_INT, default=8, help="LoRA rank (also PVeRA's r).")
 @click.option("--lora-alpha", type=POSITIVE_FLOAT, default=16.0, help="LoRA alpha.")
 @click.option("--lm-head", is_flag=True, help="Also put LoRA on the LM head.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
@@ -144,9 +152,9 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
     collate = (EncoderChoiceCollator(tokenizer, max_length) if is_encoder
                else MultipleChoiceCollator(tokenizer, max_length))
 
-    def fresh_net(task: str) -> torch.nn.Module:
-        """A copy of the loaded backbone with a new LoRA (peft injects adapters in place)."""
-        return build_net(copy.deepcopy(backbone), tokenizer, is_encoder=is_encoder,
+    def fresh_net(task: str, adapter: Adapter) -> torch.nn.Module:
+        """A copy of the loaded backbone with a new adapter (peft injects adapters in place)."""
+        return build_net(copy.deepcopy(backbone), tokenizer, adapter=adapter, is_encoder=is_encoder,
                          n_choices=splits[task].n_choices, rank=rank, lora_alpha=lora_alpha, lm_head=lm_head,
                          lora_dropout=lora_dropout)
 
@@ -164,7 +172,7 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
         fit_options = {"steps": steps, "optim": OptimSettings(lr=lr, optimizer="adamw"), "progress": True,
                        **method_options(unit.method, particles, {"ibdr": ibdr})}
         record = train_and_evaluate(
-            unit, build_net=partial(fresh_net, unit.task), train_loader=loader,
+            unit, build_net=partial(fresh_net, unit.task, METHODS[unit.method].adapter), train_loader=loader,
             test_loader=lambda: DataLoader(test, batch_size=batch_size, collate_fn=collate), num_data=len(train),
             fit_options=fit_options, num_samples=num_samples, output=output, device=device,
         )

@@ -205,7 +205,7 @@ def train_and_evaluate(
     samples = test_time_samples(result.posterior, num_samples)
     start = time.perf_counter()
     draws = fixed_draws(result.posterior, samples, seed=unit.seed)
-    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device)
+    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device, seed=unit.seed)
     metrics = {**evaluate_predictions(probs, targets, mode=ensemble), "ensemble": ensemble, "num_samples": samples}
     eval_seconds = time.perf_counter() - start
     if output is not None:

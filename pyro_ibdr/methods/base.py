@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Literal
 
@@ -16,6 +17,9 @@ from ..posterior import Posterior
 from ..registry import register_subclass
 
 METHODS: dict[str, type[Method]] = {}
+
+#: What a method trains: LoRA factors (peft ``LoraConfig``), every weight of a plain network, or peft's PVeRA vectors.
+Adapter = Literal["lora", "full", "pvera"]
 
 
 @dataclass(frozen=True)
@@ -94,11 +98,17 @@ class Method(ABC):
     :meth:`step` (one minibatch update, returning the terms to log) and :meth:`posterior`, and report
     :attr:`passes_per_step`: the number of forward+backward passes over B examples one step costs
     (K particles × ascent passes), the unit in which comparisons state their compute. A method that keeps
-    a Pyro optimiser in ``self.optim`` gets its scheduled learning rate through :meth:`set_lr`.
+    a Pyro optimiser in ``self.optim`` gets its scheduled learning rate through :meth:`set_lr`. A post-hoc step
+    on the trained model (e.g. fitting a Laplace approximation) goes in :meth:`finalize`, which
+    :func:`~pyro_ibdr.fit` calls once after the last step.
+
+    :cvar adapter: the network the method expects, read by the experiment CLIs when they build it: ``"lora"``
+        (peft LoRA, the default), ``"full"`` (a plain network, every weight in θ) or ``"pvera"`` (peft PVeRA).
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    adapter: ClassVar[Adapter] = "lora"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -155,6 +165,12 @@ class Method(ABC):
         self.lr = lr
         if self.optim is not None:
             set_learning_rate(self.optim, lr)
+
+    def finalize(self, train_loader: Iterable[tuple[Inputs, torch.Tensor]]) -> None:  # noqa: B027 (a no-op hook)
+        """A post-hoc step after training, given re-iterable training batches (x, y) on the model's device.
+
+        The default does nothing.
+        """
 
     def state(self) -> dict[str, Any]:
         """Extra state to checkpoint besides the posterior (e.g. IBDR's λ)."""
