@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .checks import positive_int, positive_number
-from .functional import BatchedForward, Inputs, batch_size
+from .functional import BatchedForward, Inputs, Mode, batch_size
 from .params import ParamFilter, ParamSpec, trainable
 
 #: Name of the single latent site that holds the flat adapter vector θ.
@@ -19,13 +19,15 @@ THETA = "theta"
 LOGITS = "logits"
 #: Name of the data plate; it is the only plate of the model (``max_plate_nesting == 1``).
 DATA_PLATE = "data"
+#: Floating dtypes held in float32 for θ and the logits.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class BayesianLoRA:
     """Pyro model whose one latent site is the flat vector θ of a peft model's trainable tensors.
 
-    The frozen backbone never enters Pyro: its weights are read by ``torch.func.functional_call`` and
-    only θ is substituted. The model is
+    The frozen backbone never enters Pyro: the batched forward (:class:`~pyro_ibdr.functional.BatchedForward`)
+    runs it with θ in place of the adapter tensors and leaves its weights alone. The model is
 
         θ ~ N(0, s² I_D),    y_n | x_n, θ ~ Categorical(logits = f(x_n; θ)),  n in a subsampled plate of size N.
 
@@ -38,8 +40,13 @@ class BayesianLoRA:
         than N is an error (as in Pyro's own subsampled plate); prediction batches (no labels) may be larger.
     :param prior_scale: s, the prior standard deviation.
     :param select: which of ``net``'s parameters form θ (default: all that require grad).
-    :param vectorize: evaluate particles with ``torch.vmap`` (True), a Python loop (False), or choose by
-        device (None: vmap on a GPU, the loop on a CPU, where it measured faster).
+    :param vectorize: how the rows of θ are evaluated (:class:`~pyro_ibdr.functional.BatchedForward`):
+        ``"fused"`` (all particles in one pass over one copy of the frozen network), ``"vmap"`` (or True),
+        ``"loop"`` (or False), or None: fused where it applies, else the loop (with a one-time warning).
+
+    θ is kept in float32 when the adapter tensors are float16/bfloat16 (master weights: small updates are not
+    rounded away); the forward casts each tensor to its layer's dtype. Logits in float16/bfloat16 are returned
+    in float32, so softmax, likelihood and metrics run in float32.
     :raises TypeError: for a ``net`` that is not a module, a non-integer ``num_data``, or, when called, inputs
         that are not tensors and labels that are not integer tensors.
     :raises ValueError: for ``num_data`` < 1, ``prior_scale`` <= 0, an empty batch, labels of another shape or
@@ -56,18 +63,17 @@ class BayesianLoRA:
         *,
         prior_scale: float = 1.0,
         select: ParamFilter = trainable,
-        vectorize: bool | None = None,
+        vectorize: Mode | bool | None = None,
     ) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module (a peft model), got {type(net).__name__}")
-        if vectorize not in (True, False, None):
-            raise TypeError(f"vectorize must be True, False or None, got {vectorize!r}")
         self.net = net
         self.num_data = positive_int("num_data", num_data)
         self.prior_scale = positive_number("prior_scale", prior_scale)
         self.spec = ParamSpec.from_module(net, select)
         params = dict(net.named_parameters())
-        self.theta0 = self.spec.flatten(params).clone()
+        theta0 = self.spec.flatten(params)
+        self.theta0 = (theta0.float() if theta0.dtype in LOW_PRECISION else theta0).clone()
         self.forward = BatchedForward(net, self.spec, vectorize=vectorize)
 
     @property
@@ -98,11 +104,12 @@ class BayesianLoRA:
         if theta.dim() >= 3 and theta.shape[-2] == 1:
             theta = theta.squeeze(-2)
         try:
-            return self.forward(theta, x)
+            logits = self.forward(theta, x)
         except RuntimeError as err:
             if type(err) is not RuntimeError:  # keep subclasses such as torch.OutOfMemoryError as they are
                 raise
             raise RuntimeError(f"the network failed on inputs {_describe(x)}: {err}") from err
+        return logits.float() if logits.dtype in LOW_PRECISION else logits
 
     def _check_batch(self, x: Inputs, y: torch.Tensor | None) -> int:
         """B, after checking the inputs and (for a training batch) the labels."""

@@ -149,7 +149,7 @@ def test_checkpoint_loaded_on_cpu_is_moved_to_the_evaluation_device(model, tmp_p
     checkpoint = load_checkpoint(tmp_path / "run.pt", map_location="cpu")
     arrived = []
 
-    def record(model, x, samples, dropout):
+    def record(model, x, samples, dropout, *chunks_and_precision):
         arrived.append((x.device.type, samples["theta"].device.type))
         return torch.full((samples["theta"].shape[0], x.shape[0], 10), 0.1)  # uniform: no compute on meta
 
