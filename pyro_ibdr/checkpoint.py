@@ -8,6 +8,7 @@ A checkpoint is one ``torch.save`` file holding only tensors and plain Python va
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -87,6 +88,10 @@ def save_checkpoint(
     :param config: the run's configuration (plain values only).
     :param state: the method's extra state (``method.state()``, plain values and tensors only).
     """
+    if not isinstance(posterior, Posterior):
+        raise TypeError(f"posterior must be a Posterior (e.g. fit(...).posterior), got {type(posterior).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {seed!r}")
     if posterior.dim != spec.dim:
         raise ValueError(f"the posterior has dimension {posterior.dim} but the parameter spec has D = {spec.dim}")
     payload = {
@@ -163,6 +168,8 @@ def check_compatible(checkpoint: Checkpoint, model: BayesianLoRA) -> None:
 def _save_adapter(model: BayesianLoRA, theta: torch.Tensor, folder: Path) -> None:
     if theta.shape != (model.dim,):
         raise ValueError(f"theta must have shape ({model.dim},), got {tuple(theta.shape)}")
+    if not torch.isfinite(theta).all():
+        raise ValueError("theta contains NaN or inf; no adapter is written")
     save = getattr(model.net, "save_pretrained", None)
     if save is None:
         raise TypeError(f"the model's network ({type(model.net).__name__}) is not a peft model with save_pretrained")

@@ -65,6 +65,9 @@ def evaluate(
         (K particles) and draws a default number from continuous posteriors; a mixture needs a multiple of K.
     :param ensemble: how the S predictions combine; ``None`` takes the posterior's ``prediction`` mode.
     """
+    if not isinstance(posterior, Posterior):
+        raise TypeError(f"posterior must be a Posterior (e.g. fit(...).posterior or load_checkpoint(...).posterior), "
+                        f"got {type(posterior).__name__}")
     draws = fixed_draws(posterior, num_samples, seed)
     mode = ensemble or posterior.prediction
     num_draws = posterior.num_draws(num_samples)

@@ -9,8 +9,10 @@ from pyro.distributions import constraints
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.runtime import get_plates
 
+from .checks import positive_int, real_number
 from .initialisation import seeded_particles
 from .model import THETA, BayesianLoRA
+from .param_store import shaped_param
 from .posterior import ParticlePosterior
 
 
@@ -36,7 +38,9 @@ class ParticleGuide:
     :param shared_head: share the ``modules_to_save`` entries of θ between the particles.
     :param init_loc: (K, D) initial means; default: K independent LoRA initialisations
         (:func:`~pyro_ibdr.initialisation.seeded_particles` with ``seed``, or the global RNG without one).
-    :param name: prefix of this guide's names in Pyro's param store.
+    :param name: prefix of this guide's names in Pyro's global param store. Guides of one name share their
+        parameters (Pyro's semantics); one that finds a stored parameter of another shape (e.g. another K) raises
+        ``ValueError``: clear the store (``pyro.clear_param_store()``, as :func:`~pyro_ibdr.fit` does) or rename.
     :param seed: seed of the initialisation (particle k from seed + k).
     """
 
@@ -52,9 +56,10 @@ class ParticleGuide:
         name: str = "particle_guide",
         seed: int | None = None,
     ) -> None:
-        if num_particles < 1:
-            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
-        if not sigma >= 0:
+        if not isinstance(model, BayesianLoRA):
+            raise TypeError(f"model must be a BayesianLoRA, got {type(model).__name__}")
+        num_particles = positive_int("num_particles", num_particles)
+        if not real_number("sigma", sigma) >= 0:
             raise ValueError(f"sigma must be >= 0, got {sigma}")
         if learn_sigma and sigma == 0:
             raise ValueError("a learnable sigma needs a positive initial value")
@@ -66,6 +71,9 @@ class ParticleGuide:
         if init_loc is None:
             init_loc = (seeded_particles(model, self.num_particles, seed) if seed is not None
                         else model.init_particles(self.num_particles))
+        if not isinstance(init_loc, torch.Tensor) or not init_loc.is_floating_point() or not init_loc.isfinite().all():
+            got = f"dtype {init_loc.dtype}" if isinstance(init_loc, torch.Tensor) else type(init_loc).__name__
+            raise ValueError(f"init_loc must be a tensor of finite floating-point values, got {got} (or NaN/inf)")
         if init_loc.shape != (self.num_particles, model.dim):
             expected = (self.num_particles, model.dim)
             raise ValueError(f"init_loc must have shape {expected}, got {tuple(init_loc.shape)}")
@@ -84,16 +92,17 @@ class ParticleGuide:
     def loc(self) -> torch.Tensor:
         """μ (K, D) (assembled from the particles' own entries and the shared head with ``shared_head``)."""
         if self.shared_mask is None:
-            return pyro.param(f"{self.name}.loc", lambda: self._init_loc.clone())
-        own = pyro.param(f"{self.name}.particle_loc", lambda: self._init_loc[:, ~self.shared_mask].clone())
-        head = pyro.param(f"{self.name}.shared_loc", lambda: self._init_loc[0, self.shared_mask].clone())
+            return shaped_param(f"{self.name}.loc", self._init_loc.clone, self._init_loc.shape)
+        own_init, head_init = self._init_loc[:, ~self.shared_mask], self._init_loc[0, self.shared_mask]
+        own = shaped_param(f"{self.name}.particle_loc", own_init.clone, own_init.shape)
+        head = shaped_param(f"{self.name}.shared_loc", head_init.clone, head_init.shape)
         return torch.cat([own, head.expand(self.num_particles, -1)], dim=-1)[:, self._order]
 
     @property
     def scale(self) -> torch.Tensor:
         """σ (a scalar tensor)."""
         if self.learn_sigma:
-            return pyro.param(f"{self.name}.scale", lambda: torch.tensor(self.sigma), constraint=constraints.positive)
+            return shaped_param(f"{self.name}.scale", lambda: torch.tensor(self.sigma), (), constraints.positive)
         return torch.tensor(self.sigma, device=self._init_loc.device)
 
     @staticmethod

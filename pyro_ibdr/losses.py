@@ -12,6 +12,7 @@ from pyro import poutine
 from pyro.infer import ELBO
 from pyro.poutine.util import site_is_subsample
 
+from .checks import check_field_types
 from .model import DATA_PLATE, LOGITS, THETA
 from .objective import (
     AscentRule,
@@ -88,6 +89,7 @@ class IBDRSettings:
     kl_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for field, allowed in _CHOICES.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {tuple(allowed)}, got {getattr(self, field)!r}")
@@ -193,6 +195,8 @@ class IBDRLoss(ELBO):
 
     def __init__(self, settings: IBDRSettings | None = None, **overrides: Any) -> None:
         super().__init__(num_particles=1, max_plate_nesting=1)
+        if settings is not None and not isinstance(settings, IBDRSettings):
+            raise TypeError(f"settings must be an IBDRSettings, got {type(settings).__name__}; pass fields as keywords")
         self.settings = replace(settings or IBDRSettings(), **overrides)
         self.pieces = self.settings.build()
         self.lam = self.settings.lambda_init

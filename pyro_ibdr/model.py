@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .checks import positive_int, positive_number
 from .functional import BatchedForward, Inputs, Mode, batch_size
 from .params import ParamFilter, ParamSpec, trainable
 
@@ -33,7 +36,8 @@ class BayesianLoRA:
 
     :param net: a module wrapped by peft (any ``nn.Module`` whose forward returns logits (B, C) or an
         object with ``.logits``). Called as ``net(x)`` or ``net(**x)`` when x is a mapping.
-    :param num_data: N, the training-set size used to scale the minibatch likelihood.
+    :param num_data: N, the training-set size used to scale the minibatch likelihood. A labelled batch larger
+        than N is an error (as in Pyro's own subsampled plate); prediction batches (no labels) may be larger.
     :param prior_scale: s, the prior standard deviation.
     :param select: which of ``net``'s parameters form θ (default: all that require grad).
     :param vectorize: how the rows of θ are evaluated (:class:`~pyro_ibdr.functional.BatchedForward`):
@@ -43,6 +47,11 @@ class BayesianLoRA:
     θ is kept in float32 when the adapter tensors are float16/bfloat16 (master weights: small updates are not
     rounded away); the forward casts each tensor to its layer's dtype. Logits in float16/bfloat16 are returned
     in float32, so softmax, likelihood and metrics run in float32.
+    :raises TypeError: for a ``net`` that is not a module, a non-integer ``num_data``, or, when called, inputs
+        that are not tensors and labels that are not integer tensors.
+    :raises ValueError: for ``num_data`` < 1, ``prior_scale`` <= 0, an empty batch, labels of another shape or
+        outside [0, C), or a labelled batch larger than ``num_data``.
+    :raises FloatingPointError: for NaN inputs or non-finite logits.
     """
 
     max_plate_nesting = 1
@@ -56,13 +65,11 @@ class BayesianLoRA:
         select: ParamFilter = trainable,
         vectorize: Mode | bool | None = None,
     ) -> None:
-        if num_data < 1:
-            raise ValueError(f"num_data must be a positive integer, got {num_data}")
-        if not prior_scale > 0:
-            raise ValueError(f"prior_scale must be positive, got {prior_scale}")
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be a torch.nn.Module (a peft model), got {type(net).__name__}")
         self.net = net
-        self.num_data = int(num_data)
-        self.prior_scale = float(prior_scale)
+        self.num_data = positive_int("num_data", num_data)
+        self.prior_scale = positive_number("prior_scale", prior_scale)
         self.spec = ParamSpec.from_module(net, select)
         params = dict(net.named_parameters())
         theta0 = self.spec.flatten(params)
@@ -83,24 +90,56 @@ class BayesianLoRA:
 
         This is peft's default initialisation (B = 0, so every particle starts at the pretrained function).
         """
-        if num_particles < 1:
-            raise ValueError(f"the number of particles must be >= 1, got {num_particles}")
+        num_particles = positive_int("num_particles", num_particles)
         bounds = self.spec.lora_a_bounds().to(self.theta0)
         noise = torch.rand(num_particles, self.dim, generator=generator).to(self.theta0) * 2 - 1
         redraw = bounds > 0
         return torch.where(redraw, noise * bounds, self.theta0.expand(num_particles, -1)).clone()
 
     def logits(self, theta: torch.Tensor, x: Inputs) -> torch.Tensor:
-        """f(x; θ) for θ of shape (D,), (*lead, D) or (*lead, 1, D) → (B, C) or (*lead, B, C)."""
+        """f(x; θ) for θ of shape (D,), (*lead, D) or (*lead, 1, D) → (B, C) or (*lead, B, C).
+
+        :raises RuntimeError: naming the inputs' shapes and dtypes when the network fails on them.
+        """
         if theta.dim() >= 3 and theta.shape[-2] == 1:
             theta = theta.squeeze(-2)
-        logits = self.forward(theta, x)
+        try:
+            logits = self.forward(theta, x)
+        except RuntimeError as err:
+            if type(err) is not RuntimeError:  # keep subclasses such as torch.OutOfMemoryError as they are
+                raise
+            raise RuntimeError(f"the network failed on inputs {_describe(x)}: {err}") from err
         return logits.float() if logits.dtype in LOW_PRECISION else logits
 
-    def __call__(self, x: Inputs, y: torch.Tensor | None = None) -> torch.Tensor:
+    def _check_batch(self, x: Inputs, y: torch.Tensor | None) -> int:
+        """B, after checking the inputs and (for a training batch) the labels."""
+        if not isinstance(x, torch.Tensor | Mapping):
+            raise TypeError(f"inputs must be a tensor or a mapping of tensors, got {type(x).__name__}")
         n_batch = batch_size(x)
-        if y is not None and y.shape != (n_batch,):
+        if n_batch == 0:
+            raise ValueError("the batch is empty (0 examples)")
+        for tensor in (x.values() if isinstance(x, Mapping) else (x,)):
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.isnan().any():
+                raise FloatingPointError(  # inf may be legit (additive masks)
+                    f"the inputs {_describe(x)} contain NaN, which would give non-finite logits"
+                )
+        if y is None:
+            return n_batch
+        if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
+            raise TypeError(f"labels must be an integer tensor of class indices (torch.long), got {got}")
+        if y.shape != (n_batch,):
             raise ValueError(f"labels have shape {tuple(y.shape)} but the inputs hold {n_batch} examples")
+        if n_batch > self.num_data:
+            raise ValueError(
+                f"a training batch of {n_batch} labelled examples is larger than num_data = {self.num_data}, the "
+                "training-set size N that scales the likelihood by N/B; pass num_data=len(dataset) (not the number of "
+                "batches)"
+            )
+        return n_batch
+
+    def __call__(self, x: Inputs, y: torch.Tensor | None = None) -> torch.Tensor:
+        n_batch = self._check_batch(x, y)
         theta = pyro.sample(THETA, self.prior())
         logits = self.logits(theta, x)
         if not torch.isfinite(logits).all():
@@ -114,3 +153,12 @@ class BayesianLoRA:
         with pyro.plate(DATA_PLATE, size=max(self.num_data, n_batch), subsample_size=n_batch, dim=-1):
             logits = pyro.deterministic(LOGITS, logits, event_dim=1)
             return pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+
+
+def _describe(x: Inputs) -> str:
+    """Shapes and dtypes of a tensor or of a mapping's tensors, for error messages."""
+    if isinstance(x, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in x.items()) + "}"
+    if isinstance(x, torch.Tensor):
+        return f"of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__

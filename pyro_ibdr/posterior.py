@@ -9,6 +9,7 @@ import torch
 
 from .metrics import EnsembleMode
 from .model import THETA
+from .registry import register_subclass
 
 if TYPE_CHECKING:
     from .functional import Inputs
@@ -21,8 +22,11 @@ class Posterior(ABC):
     """A distribution over the flat adapter vector θ ∈ R^D.
 
     ``sample(S)`` gives ``{"theta": (S, D)}`` for :func:`~pyro_ibdr.predictive_probs`. ``dropout_at_test``
-    marks posteriors whose predictive also samples dropout masks (MC dropout): the network is then run in
-    training mode while predicting. ``prediction`` is how the S per-sample predictions combine into the
+    marks posteriors whose predictive also samples dropout masks (MC dropout): the network's dropout modules are
+    then switched on while predicting (:func:`~pyro_ibdr.dropout.dropout_mode`). Subclasses that set their own
+    ``kind`` are registered under it for checkpoints (a subclass without one does not replace its parent; a
+    taken kind is an error).
+    ``prediction`` is how the S per-sample predictions combine into the
     ensemble: ``"mean_probs"`` (the Bayesian model average) or ``"mean_logits"`` (for particles trained
     jointly through the mean of their logits, as by the IBDR authors' code); :func:`~pyro_ibdr.evaluate` and
     checkpoints honour it.
@@ -44,7 +48,7 @@ class Posterior(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        Posterior.registry[cls.kind] = cls
+        register_subclass(Posterior.registry, cls, "kind")
 
     @abstractmethod
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pyro
@@ -11,6 +10,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive
 
+from .dropout import dropout_mode
 from .functional import Inputs
 from .metrics import EnsembleMode, ensemble_probs
 from .model import LOGITS, THETA, BayesianLoRA
@@ -19,17 +19,6 @@ from .precision import Precision, autocast, check_precision
 
 PosteriorLike = Callable | Mapping[str, torch.Tensor] | Posterior
 PREDICTIVE_PLATE = "_predictive_samples"
-
-
-@contextmanager
-def training_mode(net: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Run ``net`` in training mode (dropout on) inside the block when ``enabled``; restore its mode afterwards."""
-    was_training = net.training
-    net.train(enabled or was_training)
-    try:
-        yield
-    finally:
-        net.train(was_training)
 
 
 def _predict_guide(model: BayesianLoRA, x: Inputs, guide: Callable, num_samples: int,
@@ -84,17 +73,27 @@ def _predict_samples(model: BayesianLoRA, x: Inputs, samples: Mapping[str, torch
                      chunks: SampleChunks, precision: Precision) -> torch.Tensor:
     """Probabilities (S, B, C) of the model conditioned on stored θ samples, in float32 (or θ's wider dtype)."""
     theta = samples[THETA]
-    with torch.no_grad(), training_mode(model.net, dropout), autocast(precision, theta.device):
+    with torch.no_grad(), dropout_mode(model.net, dropout), autocast(precision, theta.device):
         logits = chunks.logits(model, x, theta)
     return logits.softmax(-1)
 
 
-def _as_samples(posterior: Mapping[str, torch.Tensor] | Posterior, num_samples: int | None) -> dict[str, torch.Tensor]:
-    """θ draws: S = ``posterior.num_draws(num_samples)`` from a posterior, or the given samples as they are."""
+def _as_samples(
+    posterior: Mapping[str, torch.Tensor] | Posterior, num_samples: int | None, dim: int
+) -> dict[str, torch.Tensor]:
+    """θ draws: S = ``posterior.num_draws(num_samples)`` from a posterior, or the given samples as they are;
+    checked to be finite and of shape (S, D) for the model's D."""
     samples = posterior.sample(posterior.num_draws(num_samples)) if isinstance(posterior, Posterior) else posterior
     if THETA not in samples:
         raise KeyError(f"posterior samples must contain {THETA!r}")
-    return {THETA: samples[THETA]}
+    theta = samples[THETA]
+    if not isinstance(theta, torch.Tensor) or theta.dim() != 2 or theta.shape[-1] != dim:
+        got = tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
+        raise ValueError(f"posterior samples {THETA!r} must have shape (S, D = {dim}), got {got} "
+                         "(a posterior of another model?)")
+    if not torch.isfinite(theta).all():
+        raise ValueError(f"posterior samples {THETA!r} contain NaN or inf")
+    return {THETA: theta}
 
 
 def _guide_draws(guide: Callable, num_samples: int | None) -> int:
@@ -124,11 +123,14 @@ def predictive_probs(model: BayesianLoRA, posterior: PosteriorLike, x: Inputs, n
     :raises ValueError: for a number of draws the posterior cannot honour exactly, or an unknown precision.
     """
     check_precision(precision)
+    if not isinstance(posterior, Posterior | Mapping) and not callable(posterior):
+        raise TypeError(f"posterior must be a guide, a Posterior or samples {{'theta': (S, D)}}, got "
+                        f"{type(posterior).__name__}")
     if isinstance(posterior, Posterior) and posterior.own_predictive:
         return posterior.predict(model, x, posterior.num_draws(num_samples))
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     if isinstance(posterior, Posterior | Mapping):
-        samples = _as_samples(posterior, num_samples)
+        samples = _as_samples(posterior, num_samples, model.dim)
         return _predict_samples(model, x, samples, dropout, SampleChunks(chunk_size), precision)
     return _predict_guide(model, x, posterior, _guide_draws(posterior, num_samples), precision)
 
@@ -164,17 +166,20 @@ def predict_loader(
 
     A posterior with ``own_predictive`` predicts every batch with a generator seeded by ``seed``, so every batch
     gets the same draws too. ``chunk_size`` and ``precision`` as in :func:`predictive_probs`; an adapted chunk
-    size carries over batches.
+    size carries over batches. With ``device``, the θ samples and every batch's inputs are moved there (the model
+    must live there already).
     """
     check_precision(precision)
     own = isinstance(posterior, Posterior) and posterior.own_predictive
-    samples = None if own else _as_samples(posterior, num_samples)
+    # θ samples go to the device, e.g. for a checkpoint loaded on the CPU
+    samples = None if own else to_device(_as_samples(posterior, num_samples, model.dim), device)
     if own:
         num_samples = posterior.num_draws(num_samples)
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     chunks = SampleChunks(chunk_size)
     probs, targets = [], []
-    for x, y in loader:
+    for batch in loader:
+        x, y = split_batch(batch)
         x = to_device(x, device)
         if own:
             generator = torch.Generator(device=model.theta0.device).manual_seed(seed)
@@ -195,3 +200,14 @@ def to_device(x: Inputs, device: torch.device | str | None) -> Inputs:
     if isinstance(x, Mapping):
         return {k: v.to(device) for k, v in x.items()}
     return x.to(device)
+
+
+def split_batch(batch: object) -> tuple[Inputs, torch.Tensor]:
+    """(x, y) of a loader's batch, which must be a pair whose second item is the label tensor."""
+    if not isinstance(batch, tuple | list) or len(batch) != 2:
+        what = f"{type(batch).__name__} of {len(batch)}" if isinstance(batch, tuple | list) else type(batch).__name__
+        raise ValueError(f"loader batches must be (inputs, labels) pairs, got a {what}")
+    x, y = batch
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"the labels of a batch must be a tensor, got {type(y).__name__}")
+    return x, y

@@ -1,7 +1,8 @@
 """One training loop for every inference method: schedule, seeding, logging, timing and memory.
 
-Pyro's param store is global, so :func:`fit` clears it first: runs in one process do not leak into each
-other, and a :class:`~pyro_ibdr.methods.Method` instance passed to ``fit`` starts from its initialisation.
+Pyro's param store is global, so :func:`fit` clears it first and resets a method instance passed to it
+(:meth:`~pyro_ibdr.methods.Method.reset`): runs in one process do not leak into each other, and an instance that
+stepped before starts from its initialisation again.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .methods.base import Method, OptimSettings, create_method
 from .model import BayesianLoRA
 from .posterior import EmpiricalPosterior, GaussianPosterior, ParticlePosterior, Posterior
 from .precision import Precision, autocast
-from .predictive import to_device
+from .predictive import split_batch, to_device
 from .presets import Preset, get_preset
 from .schedules import AUTHORS_WARMUP_STEPS, Constant, Schedule, ScheduleName, make_schedule
 
@@ -116,6 +117,7 @@ def _build_method(
             raise ValueError("optim, preset and method options apply only when the method is given by name")
         if method.model is not model:
             raise ValueError("the method instance was built for a different model")
+        method.reset()  # an instance that stepped before restarts from its initialisation
         return method
     if not isinstance(method, str):
         raise TypeError(f"method must be a Method or a registered name, got {type(method).__name__}")
@@ -219,8 +221,9 @@ def fit(
     """Train ``method`` on ``model`` for exactly one of ``epochs`` (passes over the loader) or ``steps``.
 
     Clears Pyro's global param store and seeds torch, Python and NumPy through ``pyro.set_rng_seed(seed)``,
-    then builds the method by name (``create_method(name, model, optim=optim, seed=seed, **method_options)``)
-    and tells it the run's length (``method.plan(total_steps)``).
+    then builds the method by name (``create_method(name, model, optim=optim, seed=seed, **method_options)``) or
+    resets the given instance to its initialisation (:meth:`~pyro_ibdr.methods.Method.reset`), and tells it the
+    run's length (``method.plan(total_steps)``).
     Every step sets the rate lr_t = ``optim.lr`` · schedule(t) and calls ``method.step(x, y)`` on a batch
     moved to ``device`` (default: the device of the model's θ₀; the model must already live there).
     With ``steps``, the loader is re-iterated as often as needed and every pass is one epoch of the history.
@@ -242,6 +245,10 @@ def fit(
         (:mod:`pyro_ibdr.precision`: θ and the optimiser state stay float32, no gradient scaler).
     :raises FloatingPointError: naming the step at which the loss became NaN or infinite.
     """
+    if not isinstance(model, BayesianLoRA):
+        raise TypeError(f"model must be a BayesianLoRA, got {type(model).__name__}")
+    if not all(callable(callback) for callback in callbacks):
+        raise TypeError(f"callbacks must be callables (epoch, record) -> None, got {list(callbacks)!r}")
     preset = get_preset(preset) if preset is not None else None
     if preset is not None and preset.epochs is not None and epochs is None and steps is None:
         epochs = preset.epochs
@@ -266,7 +273,8 @@ def fit(
         for epoch, batches in groupby(_numbered_batches(train_loader, total), key=itemgetter(0)):
             sums: dict[str, float] = defaultdict(float)
             count = 0
-            for _, (x, y) in batches:
+            for _, batch in batches:
+                x, y = split_batch(batch)
                 lr = base_lr * multiplier(step)
                 runner.set_lr(lr)
                 try:

@@ -46,6 +46,7 @@ from pyro_ibdr.experiments.grid import (
     with_post_hoc,
     write_summary,
 )
+from pyro_ibdr.experiments.options import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED
 from pyro_ibdr.experiments.post_hoc import anchor_indices, post_hoc_options, tfb_step
 from pyro_ibdr.experiments.text import AnswerTokenClassifier, EncoderChoiceClassifier
 from pyro_ibdr.methods import METHODS
@@ -112,28 +113,28 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, adapter: Adapter = "lora"
                    "(offline MiniLM encoder with a multiple-choice head).")
 @click.option("--load-in-8bit", is_flag=True, help="8-bit weights (needs bitsandbytes and a GPU).")
 @click.option("--methods", default="map,ibdr", callback=comma_separated, help=f"Methods: {', '.join(sorted(METHODS))}.")
-@click.option("--particles", type=int, default=2, help="K particles (training samples for bbb/sa_bnn).")
-@click.option("--steps", type=int, default=30, help="Optimisation steps (BLoB: 5000).")
-@click.option("--batch-size", type=int, default=4, help="Questions per training and test batch.")
-@click.option("--max-length", type=int, default=160, help="Prompt tokens kept, from the end (BLoB: 300).")
-@click.option("--lr", type=float, default=5e-4, help="AdamW learning rate (BLoB: 1e-4).")
-@click.option("--rank", type=int, default=8, help="LoRA rank (also PVeRA's r).")
-@click.option("--lora-alpha", type=float, default=16.0, help="LoRA alpha.")
+@click.option("--particles", type=POSITIVE_INT, default=2, help="K particles (training samples for bbb/sa_bnn).")
+@click.option("--steps", type=POSITIVE_INT, default=30, help="Optimisation steps (BLoB: 5000).")
+@click.option("--batch-size", type=POSITIVE_INT, default=4, help="Questions per training and test batch.")
+@click.option("--max-length", type=POSITIVE_INT, default=160, help="Prompt tokens kept, from the end (BLoB: 300).")
+@click.option("--lr", type=POSITIVE_FLOAT, default=5e-4, help="AdamW learning rate (BLoB: 1e-4).")
+@click.option("--rank", type=POSITIVE_INT, default=8, help="LoRA rank (also PVeRA's r).")
+@click.option("--lora-alpha", type=POSITIVE_FLOAT, default=16.0, help="LoRA alpha.")
 @click.option("--lm-head", is_flag=True, help="Also put LoRA on the LM head.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               help="Dropout on the LoRA input (needed by mc_dropout).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper",
               help="IBDR's objective, head sharing and prediction mode (pyro_ibdr.presets); the optimiser, rate, "
                    "batch and steps stay the BLoB protocol's options below (AdamW, constant rate).")
-@click.option("--alpha", "diversity_weight", type=float, default=None,
+@click.option("--alpha", "diversity_weight", type=NON_NEGATIVE_FLOAT, default=None,
               help="IBDR diversity weight (default: the preset's; on two-choice tasks K > C − 1 makes the term "
                    "constant: it is 0, with one warning).")
-@click.option("--num-samples", type=int, default=10, help="Posterior samples at test (BLoB: 10).")
-@click.option("--max-train", type=int, default=None, help="Use the first N training questions.")
-@click.option("--max-test", type=int, default=100, help="Evaluate on the first N test questions (0: all).")
-@click.option("--seed", "seeds", type=int, multiple=True, default=(0,), help="Seeds; repeat for several.")
+@click.option("--num-samples", type=POSITIVE_INT, default=10, help="Posterior samples at test (BLoB: 10).")
+@click.option("--max-train", type=POSITIVE_INT, default=None, help="Use the first N training questions.")
+@click.option("--max-test", type=NON_NEGATIVE_INT, default=100, help="Evaluate on the first N test questions (0: all).")
+@click.option("--seed", "seeds", type=SEED, multiple=True, default=(0,), help="Seeds; repeat for several.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Device for training and test.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: all cores).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/commonsense"),
               help="Folder for runs/, reliability/, results.json and results.csv; finished runs are reused.")
 @precision_option

@@ -14,6 +14,8 @@ Conventions:
 
 from __future__ import annotations
 
+import inspect
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -102,15 +104,20 @@ class SplitQKV(nn.Module):
 
     ``forward(x) = cat([q(x), k(x), v(x)], -1)``, where q, k, v hold the first, second and third thirds of
     the fused weight's rows (and bias), so the attention code that reshapes the fused output is unchanged.
+
+    :param bias: (3·width,) biases added to the fused layer's (or standing in for it), for attentions that keep
+        theirs outside the layer (timm BEiT, EVA, Swin V2: ``q_bias``, ``k_bias``, ``v_bias``).
     """
 
-    def __init__(self, fused: nn.Linear) -> None:
+    def __init__(self, fused: nn.Linear, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         if fused.out_features % 3:
             raise ValueError(f"fused qkv has {fused.out_features} outputs, not a multiple of 3")
         width = fused.out_features // 3
         factory = {"device": fused.weight.device, "dtype": fused.weight.dtype}
-        has_bias = fused.bias is not None
+        parts = [part for part in (fused.bias, bias) if part is not None]
+        total = sum(parts[1:], parts[0]) if parts else None
+        has_bias = total is not None
         self.q = nn.Linear(fused.in_features, width, bias=has_bias, **factory)
         self.k = nn.Linear(fused.in_features, width, bias=has_bias, **factory)
         self.v = nn.Linear(fused.in_features, width, bias=has_bias, **factory)
@@ -119,28 +126,89 @@ class SplitQKV(nn.Module):
                 layer.weight.copy_(fused.weight[i * width : (i + 1) * width])
                 layer.weight.requires_grad_(fused.weight.requires_grad)
                 if has_bias:
-                    layer.bias.copy_(fused.bias[i * width : (i + 1) * width])
-                    layer.bias.requires_grad_(fused.bias.requires_grad)
+                    layer.bias.copy_(total[i * width : (i + 1) * width])
+                    layer.bias.requires_grad_(total.requires_grad)
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("weight", "bias"):
+                raise AttributeError(
+                    f"SplitQKV has no fused {name!r}: the attention reads the fused qkv {name} directly instead of "
+                    "calling the layer, which would bypass q/v adapters; split_qkv refuses such attentions up front"
+                ) from None
+            raise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
+_SEPARATE_BIASES = ("q_bias", "k_bias", "v_bias")
+
+
+def _take_separate_biases(attention: nn.Module) -> tuple[bool, torch.Tensor | None]:
+    """(whether ``attention`` follows timm's separate-bias pattern, cat(q_bias, k_bias, v_bias) or None).
+
+    timm's BEiT, EVA and Swin V2 attentions call ``self.qkv(x)`` when ``q_bias is None`` and otherwise compute
+    ``F.linear(x, self.qkv.weight, cat(q_bias, k_bias, v_bias))`` from the fused weight.
+    """
+    if not all(hasattr(attention, name) for name in _SEPARATE_BIASES):
+        return False, None
+    parts = [getattr(attention, name) for name in _SEPARATE_BIASES]
+    if any(part is None for part in parts):
+        return True, None
+    return True, torch.cat(parts)
+
+
+def _reads_fused_weight(attention: nn.Module) -> bool:
+    """Whether the attention's forward mentions ``qkv.weight`` / ``qkv.bias`` (reads the fused layer directly)."""
+    try:
+        source = inspect.getsource(type(attention).forward)
+    except (OSError, TypeError):
+        return False
+    return re.search(r"\bqkv\.(weight|bias)\b", source) is not None
 
 
 def split_qkv(model: nn.Module) -> nn.Module:
     """Replace every fused ``qkv`` Linear (timm attention) by :class:`SplitQKV`, in place; returns the model.
 
     Module names become ``...attn.qkv.q``, ``...attn.qkv.k``, ``...attn.qkv.v``. Calling it twice is harmless.
+    Attentions that keep q/k/v biases outside the fused layer (timm BEiT, EVA, Swin V2) get them moved into the
+    split layers (their ``q_bias``, ``k_bias``, ``v_bias`` become None), so that they call the layer and adapters
+    on q and v take effect; outputs are unchanged.
+
+    :raises ValueError: when the model has no fused ``qkv`` Linear, or (before anything is changed) when an
+        attention reads the fused weight directly in another way, which adapters on the split layers would not
+        reach; the message says what to use instead.
     """
     found = 0
-    for module in model.modules():
+    plan = []
+    for name, module in model.named_modules():
         fused = getattr(module, "qkv", None)
-        if isinstance(fused, nn.Linear):
-            module.qkv = SplitQKV(fused)
+        if isinstance(fused, SplitQKV):
             found += 1
-        elif isinstance(fused, SplitQKV):
-            found += 1
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no fused 'qkv' Linear layers to split")
+        elif isinstance(fused, nn.Linear):
+            separate, bias = _take_separate_biases(module)
+            if not separate and _reads_fused_weight(module):
+                raise ValueError(
+                    f"{type(module).__module__}.{type(module).__qualname__} ({name}) reads its fused qkv weight "
+                    "directly instead of calling the layer, so adapters on split q/v layers would be bypassed; put "
+                    "LoRA on the fused layer instead (peft target_modules=['qkv'], which adapts q, k and v together) "
+                    "or pick a model whose attention calls its qkv layer (timm vit_*, deit_*, *_dinov2, beit*, eva*, "
+                    "swin*)"
+                )
+            plan.append((module, fused, bias, separate))
+    for module, fused, bias, separate in plan:
+        module.qkv = SplitQKV(fused, bias)
+        if separate:
+            for bias_name in _SEPARATE_BIASES:
+                setattr(module, bias_name, None)
+    if not found + len(plan):
+        raise ValueError(
+            f"{type(model).__name__} has no fused 'qkv' Linear layers to split; if its attention has separate "
+            "projections (e.g. q_proj, v_proj), target those in the LoRA config directly"
+        )
     return model
 
 

@@ -46,6 +46,7 @@ from pyro_ibdr.experiments.grid import (
     with_post_hoc,
     write_summary,
 )
+from pyro_ibdr.experiments.options import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED
 from pyro_ibdr.experiments.post_hoc import anchor_indices, post_hoc_options, tfb_step
 from pyro_ibdr.experiments.vision import (
     DEFAULT_VIT,
@@ -105,7 +106,7 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
               help="Epochs (default 2 offline, 150 with --data-dir as in the authors' configs).")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
               help="Warm-up steps of a warm-up + cosine schedule (the official preset: 500; a run must be longer).")
-@click.option("--seed", "seeds", type=int, multiple=True, default=(0,), help="Seeds; repeat for several.")
+@click.option("--seed", "seeds", type=SEED, multiple=True, default=(0,), help="Seeds; repeat for several.")
 @click.option("--model", "model_name", default=DEFAULT_VIT, help="timm architecture of the backbone.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Local backbone weights (.npz as ViT-B_16.npz, .pth or .safetensors); no network.")
@@ -118,20 +119,23 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
               help="paper: the paper's objective (Adam); official: the authors' code (SGD + warm-up/cosine in "
                    "per-example units, shared head, mean-of-logits prediction; on VTAB-1k tasks the per-task lr, "
                    "LoRA rank, ε, clip, K and RandAugment + flips). See pyro_ibdr.presets.")
-@click.option("--img-size", type=int, default=None, help="Input side in px (default 56 offline, 224 otherwise).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+@click.option("--img-size", type=POSITIVE_INT, default=None,
+              help="Input side in px (default 56 offline, 224 otherwise).")
+@click.option("--batch-size", type=POSITIVE_INT, default=None,
               help="Minibatch size (default: the preset's, 32 paper, 64 official).")
-@click.option("--lr", type=float, default=None, help="Learning rate (default: the preset's, 2e-3 Adam paper; "
+@click.option("--lr", type=POSITIVE_FLOAT, default=None, help="Learning rate (default: the preset's, 2e-3 Adam paper; "
                                                       "per task official).")
-@click.option("--rank", type=int, default=None, help="LoRA rank, also PVeRA's r (default 8; per task official).")
-@click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (default = rank; per task official).")
+@click.option("--rank", type=POSITIVE_INT, default=None,
+              help="LoRA rank, also PVeRA's r (default 8; per task official).")
+@click.option("--lora-alpha", type=POSITIVE_FLOAT, default=None, help="LoRA alpha (default = rank; per task official).")
 @click.option("--lora-targets", type=click.Choice(["qv", "qkv"]), default="qv", help="LoRA on q,v or q,k,v.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               help="Dropout on the LoRA input (needed by mc_dropout).")
-@click.option("--sigma", type=click.FloatRange(min=0), default=None,
+@click.option("--sigma", type=NON_NEGATIVE_FLOAT, default=None,
               help="IBDR's shared σ of the particle Gaussians (default: the preset's).")
-@click.option("--alpha", "diversity_weight", type=float, default=None, help="IBDR diversity weight α.")
-@click.option("--rho", type=float, default=None, help="IBDR Wasserstein radius ρ (units of the transport cost).")
+@click.option("--alpha", "diversity_weight", type=NON_NEGATIVE_FLOAT, default=None, help="IBDR diversity weight α.")
+@click.option("--rho", type=NON_NEGATIVE_FLOAT, default=None,
+              help="IBDR Wasserstein radius ρ (units of the transport cost).")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None,
               help="Posterior samples at test time for continuous posteriors (default: the method's own, e.g. "
                    "BLoB's 10, else K, the same ensemble size); point masses are evaluated on each particle once.")
@@ -139,7 +143,7 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
               help="Hyper-parameter selection: train on train800 and evaluate on val200 (never the test split).")
 @click.option("--max-test", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first N test images only (default 1000 offline, all otherwise).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: all cores).")
 @precision_option
 @post_hoc_options(anchor_size=256)
 def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model_name, checkpoint, pretrained, device,

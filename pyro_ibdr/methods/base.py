@@ -11,9 +11,11 @@ import pyro.optim
 import torch
 from pyro import poutine
 
+from ..checks import check_field_types
 from ..functional import Inputs
 from ..model import BayesianLoRA
 from ..posterior import Posterior
+from ..registry import register_subclass
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -49,8 +51,11 @@ class OptimSettings:
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {self.optimizer!r}")
+        check_field_types(self)
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise ValueError(f"need 0 <= momentum < 1 and weight_decay >= 0, got {self.momentum}, {self.weight_decay}")
         if self.objective_scale not in ("elbo", "per_example"):
             raise ValueError(f"objective_scale must be 'elbo' or 'per_example', got {self.objective_scale!r}")
 
@@ -89,6 +94,10 @@ class MethodConfig:
 
     size_field: ClassVar[str | None] = None
     test_samples: ClassVar[int | None] = None
+
+    def __post_init__(self) -> None:
+        """Every field must match its annotation (subclasses that check more call this first)."""
+        check_field_types(self)
 
     @classmethod
     def from_options(cls, **options: Any) -> MethodConfig:
@@ -129,21 +138,21 @@ class Method(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        name = cls.__dict__.get("name")
-        if name is None:
-            return
-        registered = METHODS.get(name)
-        if registered is not None and registered.__qualname__ != cls.__qualname__:
-            raise ValueError(
-                f"method name {name!r} is already registered by {registered.__module__}.{registered.__qualname__}; "
-                "give the new class its own name"
-            )
-        METHODS[name] = cls
+        register_subclass(METHODS, cls, "name")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Method:
+        method = super().__new__(cls)
+        method._init_arguments = (args, kwargs)  # what reset() constructs again from, whatever the signature
+        return method
 
     def __init__(
         self, model: BayesianLoRA, config: MethodConfig | None = None, optim: OptimSettings | None = None,
         *, seed: int = 0,
     ) -> None:
+        if not isinstance(model, BayesianLoRA):
+            raise TypeError(f"model must be a BayesianLoRA, got {type(model).__name__}")
+        if optim is not None and not isinstance(optim, OptimSettings):
+            raise TypeError(f"optim must be an OptimSettings, e.g. OptimSettings(lr=1e-3), got {type(optim).__name__}")
         config = config if config is not None else self.config_class()
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
@@ -171,6 +180,17 @@ class Method(ABC):
         """Told by :func:`~pyro_ibdr.fit` how many steps the run will take, before the first one; kept in
         :attr:`planned_steps` (None until then) for methods with stages, e.g. BayesTune, that split the budget."""
         self.planned_steps = total_steps
+
+    def reset(self) -> None:
+        """Return to the state right after construction, as :func:`~pyro_ibdr.fit` does before every run.
+
+        A method's state is more than its parameters in Pyro's param store (which ``fit`` clears): step counters,
+        SGLD's chain, SVGD's initial particles, IBDR's λ, the optimiser. Every setting is in the constructor's
+        arguments, so the constructor is run again on the arguments the instance was built with. Parameters in
+        Pyro's param store are not touched here: clear the store first (``pyro.clear_param_store()``).
+        """
+        args, kwargs = self._init_arguments
+        type(self).__init__(self, *args, **kwargs)
 
     def objective_units(self) -> poutine.messenger.Messenger:
         """A context that puts the model's and guide's log-densities in the units of

@@ -40,6 +40,7 @@ class BayesTuneConfig(MethodConfig):
     effective_num_data: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("keep_fraction", "selection_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in (0, 1], got {getattr(self, name)}")

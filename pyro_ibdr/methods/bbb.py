@@ -15,6 +15,7 @@ from torch.distributions import kl_divergence
 
 from ..functional import Inputs
 from ..model import THETA, BayesianLoRA
+from ..param_store import shaped_param
 from ..posterior import GaussianPosterior, Posterior
 from .base import Method, MethodConfig, OptimSettings
 
@@ -37,7 +38,8 @@ class MeanFieldGuide:
 
     Pyro's ``AutoNormal`` samples an auxiliary unconstrained site and passes θ through a ``Delta``, so
     ``TraceMeanField_ELBO`` finds no Normal at θ and falls back to a Monte-Carlo KL; this guide keeps the KL
-    in closed form. σ is a ``softplus``-positive parameter, as in ``AutoNormal``.
+    in closed form. σ is a ``softplus``-positive parameter, as in ``AutoNormal``. Its parameters are named
+    ``{name}.loc`` and ``{name}.scale`` in Pyro's param store (see :func:`~pyro_ibdr.param_store.shaped_param`).
     """
 
     def __init__(self, model: BayesianLoRA, init_scale: float, name: str) -> None:
@@ -49,14 +51,15 @@ class MeanFieldGuide:
 
     @property
     def loc(self) -> torch.Tensor:
-        return pyro.param(f"{self.name}.loc", lambda: self.init_loc.clone())
+        return shaped_param(f"{self.name}.loc", self.init_loc.clone, self.init_loc.shape)
 
     @property
     def scale(self) -> torch.Tensor:
-        return pyro.param(
+        return shaped_param(
             f"{self.name}.scale",
             lambda: torch.full_like(self.init_loc, self.init_scale),
-            constraint=constraints.softplus_positive,
+            self.init_loc.shape,
+            constraints.softplus_positive,
         )
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
@@ -82,6 +85,7 @@ class BBBConfig(MethodConfig):
     kl_anneal_steps: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_mean_field(self.num_samples, self.init_scale)
         if self.kl_anneal_steps < 0:
             raise ValueError(f"kl_anneal_steps must be >= 0, got {self.kl_anneal_steps}")

@@ -80,6 +80,7 @@ class BLoBConfig(MethodConfig):
     batches_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         for name in ("init_scale", "prior_scale"):

@@ -41,6 +41,7 @@ class IBDRConfig(MethodConfig):
     loss: IBDRSettings = field(default_factory=IBDRSettings)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.prediction not in ("mean_probs", "mean_logits"):
             raise ValueError(f"prediction must be 'mean_probs' or 'mean_logits', got {self.prediction!r}")
 

@@ -32,6 +32,7 @@ class IVONConfig(MethodConfig):
     clip_radius: float = math.inf
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.ess is not None and not self.ess > 0:
             raise ValueError(f"ess must be positive, got {self.ess}")
         if self.weight_decay is not None and not self.weight_decay >= 0:

@@ -227,6 +227,7 @@ class LaplaceConfig(MethodConfig):
     jacobian_batch_size: int = 1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.hessian_structure not in ("kron", "diag"):
             raise ValueError(f"hessian_structure must be 'kron' or 'diag', got {self.hessian_structure!r}")
         if self.pred_type not in ("glm", "nn"):

@@ -12,6 +12,7 @@ from pyro.infer.autoguide import AutoDelta, init_to_value
 from ..functional import Inputs
 from ..initialisation import seeded_particles
 from ..model import THETA, BayesianLoRA
+from ..param_store import check_stored_param
 from ..posterior import ParticlePosterior, Posterior
 from .base import Method, MethodConfig, OptimSettings
 
@@ -66,6 +67,7 @@ class MAP(Method):
         return 1
 
     def step(self, x: Inputs, y: torch.Tensor) -> dict[str, float]:
+        check_stored_param(f"{type(self.guide).__name__}.{THETA}", (self.model.dim,))  # AutoDelta's parameter name
         with self.objective_units():
             return {"loss": float(self.svi.step(x, y))}
 

@@ -5,21 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
+from ..dropout import dropout_mode, has_dropout
 from ..functional import Inputs
 from ..model import BayesianLoRA
 from ..posterior import Posterior
-from ..predictive import training_mode
 from .base import MethodConfig, OptimSettings
 from .map import MAP
-
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-
-
-def has_dropout(net: nn.Module) -> bool:
-    """Whether ``net`` holds a dropout module with rate p > 0 (e.g. peft ``lora_dropout`` or the backbone's)."""
-    return any(isinstance(m, _DROPOUT) and m.p > 0 for m in net.modules())
 
 
 @dataclass(frozen=True)
@@ -29,7 +21,8 @@ class MCDropoutConfig(MethodConfig):
 
 class MCDropout(MAP):
     """Gal & Ghahramani (2016): θ_MAP trained with dropout; the predictive averages p(y | x, θ_MAP, mask_s)
-    over S independent dropout masks (the network runs in training mode while predicting).
+    over S independent dropout masks. Only the dropout modules are switched to training mode, in training and
+    prediction (:func:`~pyro_ibdr.dropout.dropout_mode`): BatchNorm and other layers keep the network's mode.
     """
 
     name = "mc_dropout"
@@ -52,7 +45,7 @@ class MCDropout(MAP):
             )
 
     def step(self, x: Inputs, y: torch.Tensor) -> dict[str, float]:
-        with training_mode(self.model.net, True):
+        with dropout_mode(self.model.net):
             return super().step(x, y)
 
     def posterior(self) -> Posterior:

@@ -25,6 +25,7 @@ class SABNNConfig(MethodConfig):
     rho: float = 0.05
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_mean_field(self.num_samples, self.init_scale)
 
 

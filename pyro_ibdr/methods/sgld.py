@@ -26,6 +26,7 @@ class SGLDConfig(MethodConfig):
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.burn_in < 0 or self.thin < 1 or self.num_samples < 1:
             raise ValueError(
                 f"need burn_in >= 0, thin >= 1, num_samples >= 1; got {self.burn_in}, {self.thin}, {self.num_samples}"

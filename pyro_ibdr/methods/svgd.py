@@ -16,6 +16,7 @@ from ..functional import Inputs
 from ..initialisation import seeded_particles
 from ..kernels import FlooredRBFSteinKernel, ScalarRBFKernel
 from ..model import THETA, BayesianLoRA
+from ..param_store import check_stored_param
 from ..posterior import ParticlePosterior, Posterior
 from .base import Method, MethodConfig, OptimSettings
 
@@ -59,6 +60,7 @@ class SVGDConfig(MethodConfig):
     bandwidth_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_particles < 2:
             raise ValueError(f"SVGD needs at least 2 particles, got {self.num_particles}")
 
@@ -130,6 +132,7 @@ class SteinVGD(Method):
             # Pyro's guide would start from prior draws. Its parameter is the flat (K·1·D) vector of unconstrained
             # θ's, equal to the constrained ones on the real line; a parameter left by an earlier run is replaced.
             pyro.get_param_store()[PARTICLES_PARAM] = self.initial_particles.reshape(-1).clone()
+        check_stored_param(PARTICLES_PARAM, (self.num_particles * self.model.dim,))
         device = self.initial_particles.device.type
         self._autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         with torch.autocast(device, enabled=False):  # Pyro's kernel products write the float32 particles' .grad

@@ -46,6 +46,8 @@ from typing import Any, TypedDict
 
 import torch
 
+from pyro_ibdr.experiments.data.textfile import read_lines
+
 logger = logging.getLogger(__name__)
 
 PROMPT_HEAD = "Select one of the choices that answers the following question:"
@@ -200,20 +202,23 @@ class CommonsenseSplits:
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Raw rows from a ``.jsonl`` / ``.json`` (one object per line) or ``.parquet`` file."""
+    """Raw rows from a ``.jsonl`` / ``.json`` (one object per line, read by
+    :func:`~pyro_ibdr.experiments.data.textfile.read_lines`: BOMs and any line ending) or ``.parquet`` file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {path}")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{n} is not one JSON object per line: {err}") from err
+        for n, line in enumerate(read_lines(path), start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n} is not one JSON object per line: {err}") from err
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{n} is a JSON {type(row).__name__}, not an object (one row per line)")
+                rows.append(row)
         return rows
     if suffix == ".parquet":
         import pyarrow.parquet as pq

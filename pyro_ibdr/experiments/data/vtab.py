@@ -11,16 +11,22 @@ The default is mean = std = 0.5 per channel (images in [-1, 1]), the convention 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from pyro_ibdr.checks import positive_int
+from pyro_ibdr.experiments.data.textfile import read_lines
+
+_DIGITS = re.compile(r"[0-9]+")
 SPLITS = ("train800", "val200", "train800val200", "test")
 Split = Literal["train800", "val200", "train800val200", "test"]
 Normalization = Literal["half", "imagenet"]
@@ -84,34 +90,36 @@ def resolve_task_dir(data_dir: str | Path, task: str) -> Path:
     for name in dict.fromkeys(candidates):
         if (data_dir / name).is_dir():
             return data_dir / name
+    missing = "" if data_dir.is_dir() else " (that VTAB data folder does not exist)"
     raise FileNotFoundError(
-        f"no folder for task {spec.name!r} under {data_dir}; tried {list(dict.fromkeys(candidates))}"
+        f"no folder for task {spec.name!r} under {data_dir}{missing}; tried {list(dict.fromkeys(candidates))}"
     )
 
 
 def read_file_list(path: str | Path) -> list[tuple[str, int]]:
     """Parse a VTAB file list: one ``relative/path <integer label>`` per line (blank lines skipped).
 
-    The path may contain spaces; the label is the last whitespace-separated field. Errors name the file
-    and the 1-based line number.
+    The path may contain spaces; the label is the last whitespace-separated field, written in ASCII digits.
+    Whitespace (spaces, tabs) around the path and the label is ignored; the file is read by
+    :func:`~pyro_ibdr.experiments.data.textfile.read_lines` (UTF-8 with or without a byte-order mark, UTF-16/32
+    with one; ``\n``, ``\r\n`` or ``\r`` line endings). Errors name the file and the 1-based line number.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"file list not found: {path}")
     entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
             raise ValueError(f"{path}:{number}: expected '<image path> <label>', got {line!r}")
-        try:
-            label = int(parts[1])
-        except ValueError:
-            raise ValueError(f"{path}:{number}: label {parts[1]!r} is not an integer") from None
-        if label < 0:
+        label = parts[1]
+        if not _DIGITS.fullmatch(label.removeprefix("-")):  # int() would also take '+1', '1_000' and '١'
+            raise ValueError(f"{path}:{number}: label {label!r} is not an integer")
+        if label.startswith("-"):
             raise ValueError(f"{path}:{number}: negative label {label}")
-        entries.append((parts[0].strip(), label))
+        entries.append((parts[0].strip(), int(label)))
     if not entries:
         raise ValueError(f"file list {path} is empty")
     return entries
@@ -133,13 +141,57 @@ def normalize(normalization: Normalization = "half") -> Callable[[torch.Tensor],
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
+#: Pillow modes of 16-bit grey levels; Pillow also opens some 16-bit files (PGM, TIFF) as 32-bit ``I``.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(image: Image.Image, source: str | Path) -> Image.Image:
+    """The 8-bit RGB picture of an image in any Pillow mode.
+
+    - 16-bit grey (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``, and ``I`` with values in [0, 65535]): each level v
+      becomes round(v / 257), so 0 ↦ 0 and 65535 ↦ 255 (Pillow's own conversion clips at 255: a 16-bit
+      photo would read as almost pure white).
+    - Alpha is dropped and the stored colour kept (``LA``, ``RGBA``, ``PA``, palette transparency), as the
+      torchvision and timm loaders do; premultiplied ``La`` / ``RGBa`` are un-premultiplied first.
+    - ``1``, ``L``, ``P``, ``RGB``, ``RGBX``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: Pillow's conversion. 16-bit RGB(A)
+      PNGs are already opened by Pillow as 8-bit ``RGB``/``RGBA`` (the high byte of each sample).
+
+    :param source: the file the image came from, for error messages.
+    :raises ValueError: naming ``source`` and the mode for 32-bit float (``F``) images, which have no fixed
+        range of values, for ``I`` images with values outside [0, 65535], and for modes Pillow cannot convert.
+    """
+    mode = image.mode
+    if mode == "F":
+        raise ValueError(
+            f"{source}: image mode 'F' (32-bit float pixels) has no fixed range of values; save the images as 8- or "
+            "16-bit PNG/JPEG/TIFF"
+        )
+    if mode in SIXTEEN_BIT_MODES:
+        levels = np.asarray(image).astype(np.int64)
+        if levels.size and (levels.min() < 0 or levels.max() > 65535):
+            raise ValueError(
+                f"{source}: image mode {mode!r} holds values in [{levels.min()}, {levels.max()}], outside the 16-bit "
+                "range [0, 65535] that is read as grey levels; save the images as 8- or 16-bit PNG/TIFF"
+            )
+        return Image.fromarray(np.rint(levels / 257).astype(np.uint8)).convert("RGB")
+    if mode == "La":  # Pillow converts premultiplied grey only to LA
+        image = image.convert("LA")
+    elif mode == "P" and "transparency" in image.info:  # Pillow warns on P -> RGB with a transparency table
+        image = image.convert("RGBA")
+    try:
+        return image.convert("RGB")
+    except ValueError as err:
+        raise ValueError(f"{source}: cannot convert image mode {mode!r} to RGB: {err}") from err
+
+
 def load_image(path: Path) -> Image.Image:
-    """Open an image file as RGB; a missing or unreadable file raises an error that names it."""
+    """Open an image file as its 8-bit RGB picture (:func:`to_rgb8`, any Pillow mode); a missing, unreadable or
+    unsupported file raises an error that names it."""
     if not path.is_file():
         raise FileNotFoundError(f"image listed in the file list not found: {path}")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb8(image, path)
     except OSError as err:
         raise ValueError(f"cannot decode image {path}: {err}") from err
 
@@ -165,6 +217,7 @@ class VTABDataset(Dataset):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.spec = get_task(task)
+        img_size = positive_int("img_size", img_size)
         self.root = resolve_task_dir(data_dir, task)
         self.split = split
         self.samples = read_file_list(self.root / f"{split}.txt")
