@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from . import distributed
 from .functional import BatchedForward, Inputs, batch_size
 from .params import ParamFilter, ParamSpec, trainable
 
@@ -93,7 +94,8 @@ class BayesianLoRA:
         if y is not None and y.shape != (n_batch,):
             raise ValueError(f"labels have shape {tuple(y.shape)} but the inputs hold {n_batch} examples")
         theta = pyro.sample(THETA, self.prior())
-        logits = self.logits(theta, x)
+        with distributed.independent_randomness("data", "particle"):  # dropout masks differ between processes
+            logits = self.logits(theta, x)
         if not torch.isfinite(logits).all():
             raise FloatingPointError("the network produced non-finite logits (NaN or inf); check inputs and step size")
         num_classes = logits.shape[-1]

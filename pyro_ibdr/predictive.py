@@ -10,6 +10,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive
 
+from . import distributed
 from .functional import Inputs
 from .metrics import EnsembleMode, ensemble_probs
 from .model import LOGITS, THETA, BayesianLoRA
@@ -113,12 +114,16 @@ def predict_loader(
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probs (S, N, C), targets (N,)) over a loader of (x, y) batches, with the same θ samples for every batch
-    (S as in :func:`predictive_probs`)."""
+    (S as in :func:`predictive_probs`). Under a distributed mode every process evaluates its block of the S
+    samples (when W divides S) and the probabilities of all samples are gathered on every process."""
     samples = _as_samples(posterior, num_samples)
+    total = samples[THETA].shape[0]
+    samples = {THETA: samples[THETA][distributed.prediction_rows(total)]}
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     probs, targets = [], []
     for x, y in loader:
-        probs.append(_predict_samples(model, to_device(x, device), samples, dropout).cpu())
+        local = _predict_samples(model, to_device(x, device), samples, dropout)
+        probs.append(distributed.gather_predictions(local, total).cpu())
         targets.append(y.cpu())
     if not probs:
         raise ValueError("the loader yielded no batches")

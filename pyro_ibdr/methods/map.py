@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, init_to_value
 
 from ..functional import Inputs
 from ..initialisation import seeded_particles
 from ..model import THETA, BayesianLoRA
 from ..posterior import ParticlePosterior, Posterior
-from .base import Method, MethodConfig, OptimSettings
+from .base import Method, MethodConfig, OptimSettings, distributed_svi
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class MAP(Method):
 
     name = "map"
     config_class = MAPConfig
+    distributed_modes = frozenset({"data"})
 
     def __init__(
         self, model: BayesianLoRA, config: MAPConfig | None = None, optim: OptimSettings | None = None,
@@ -42,7 +43,7 @@ class MAP(Method):
         # init_to_value's tensor becomes the parameter storage: pass a clone.
         self.guide = AutoDelta(model, init_loc_fn=init_to_value(values={THETA: self.theta_init.clone()}))
         self.optim = self.optim_settings.pyro_optimizer()
-        self.svi = SVI(model, self.guide, self.optim, Trace_ELBO(max_plate_nesting=model.max_plate_nesting))
+        self.svi = distributed_svi(model, self.guide, self.optim, Trace_ELBO(max_plate_nesting=model.max_plate_nesting))
 
     @property
     def passes_per_step(self) -> int:
