@@ -19,7 +19,10 @@ from pyro_ibdr.predictive import predict_loader
 from pyro_ibdr.train import fit
 from tests._dummies.parallel import ERRORS, IBDR, PARTICLE, SCENARIOS, SGD, SIZES, problem, run, spawn_group
 
-CLOSE = {"rtol": 1e-4, "atol": 1e-6}
+#: float32 sums over two shards or two particle blocks round differently from one process's sums; after 6 SGD
+#: steps with momentum (and the authors' output-cost barrier exp(d/0.01), which amplifies them) θ entries differ
+#: by up to ~1e-5. The mutations this must catch (unweighted shards, an unscaled particle share) move θ by 1e-3–1.
+CLOSE = {"rtol": 1e-4, "atol": 1e-5}
 
 
 @pytest.fixture(scope="module")
