@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from .metrics import EnsembleMode
 from .model import THETA
 
+if TYPE_CHECKING:
+    from .functional import Inputs
+    from .model import BayesianLoRA
 #: Draws used for prediction from a continuous posterior when no number is given.
 DEFAULT_NUM_SAMPLES = 8
 
@@ -27,11 +30,16 @@ class Posterior(ABC):
     How many draws prediction uses is settled in one place, :meth:`num_draws`: a posterior that is a finite
     set of equally weighted point masses (:attr:`natural_num_samples`) is evaluated on each point exactly
     once, because repeated draws of one point would bias the diversity metrics (disagreement, DPP volume).
+
+    ``own_predictive`` marks posteriors whose predictive is not the network at θ samples (the linearised Laplace
+    predictive): :func:`~pyro_ibdr.predictive_probs` and :func:`~pyro_ibdr.predict_loader` then call
+    :meth:`predict` instead.
     """
 
     kind: ClassVar[str]
     registry: ClassVar[dict[str, type[Posterior]]] = {}
     dropout_at_test: bool = False
+    own_predictive: ClassVar[bool] = False
     prediction: EnsembleMode = "mean_probs"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -45,6 +53,18 @@ class Posterior(ABC):
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors that define the posterior (for checkpoints)."""
+
+    def predict(
+        self, model: BayesianLoRA, x: Inputs, num_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Per-sample class probabilities (S, B, C), for a posterior with ``own_predictive``.
+
+        ``generator`` (on the model's device) fixes the draws; called with equally seeded generators, every batch
+        gets the same draws.
+
+        :raises NotImplementedError: for posteriors that predict through θ samples.
+        """
+        raise NotImplementedError(f"{type(self).__name__} predicts through θ samples (use pyro_ibdr.predictive_probs)")
 
     @property
     def dim(self) -> int:

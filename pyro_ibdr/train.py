@@ -25,6 +25,7 @@ from .distributed import Mode, average_terms, is_main_process, mode, parallel, s
 from .methods.base import Method, OptimSettings, create_method
 from .model import BayesianLoRA
 from .posterior import EmpiricalPosterior, GaussianPosterior, ParticlePosterior, Posterior
+from .precision import Precision, autocast
 from .predictive import to_device
 from .presets import Preset, get_preset
 from .schedules import AUTHORS_WARMUP_STEPS, Constant, Schedule, ScheduleName, make_schedule
@@ -127,6 +128,18 @@ def _build_method(
     return create_method(method, model, optim=optim, seed=seed, **options)
 
 
+class _OnDevice:
+    """A re-iterable view of a loader whose batches (x, y) are moved to ``device``."""
+
+    def __init__(self, loader: Iterable[tuple[Any, torch.Tensor]], device: torch.device) -> None:
+        self.loader = loader
+        self.device = device
+
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
+        for x, y in self.loader:
+            yield to_device(x, self.device), y.to(self.device)
+
+
 def _resolve_schedule(schedule: Schedule | ScheduleName | None, total_steps: int, preset: Preset | None) -> Schedule:
     """The given schedule; by name with the preset's warm-up (else the authors' 500 steps); else the preset's."""
     if isinstance(schedule, str):
@@ -203,6 +216,7 @@ def fit(
     progress: bool = True,
     device: torch.device | str | None = None,
     distributed: Mode | None = None,
+    precision: Precision = "fp32",
     **method_options: Any,
 ) -> FitResult:
     """Train ``method`` on ``model`` for exactly one of ``epochs`` (passes over the loader) or ``steps``.
@@ -212,6 +226,8 @@ def fit(
     Every step sets the rate lr_t = ``optim.lr`` · schedule(t) and calls ``method.step(x, y)`` on a batch
     moved to ``device`` (default: the device of the model's θ₀; the model must already live there).
     With ``steps``, the loader is re-iterated as often as needed and every pass is one epoch of the history.
+    After the last step ``method.finalize`` gets the loader (batches moved to ``device``) for a post-hoc step such
+    as a Laplace fit; its time counts in ``wall_time_s``.
 
     A ``preset`` (:data:`~pyro_ibdr.presets.PAPER`, :data:`~pyro_ibdr.presets.OFFICIAL`, or their names)
     supplies what is not given explicitly: ``optim``, ``schedule``, the method's options
@@ -231,6 +247,8 @@ def fit(
         :mod:`pyro_ibdr.distributed`. Every process calls ``fit`` with the same arguments and a loader that
         yields the same batches (seed its shuffling), and gets the same result, with the whole posterior: one
         process's run, to float rounding. Callbacks run on every process.
+    :param precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` to run every step under ``torch.autocast``
+        (:mod:`pyro_ibdr.precision`: θ and the optimiser state stay float32, no gradient scaler).
     :raises FloatingPointError: naming the step at which the loss became NaN or infinite.
     :raises ValueError: for a method that does not support the ``distributed`` mode.
     """
@@ -241,6 +259,7 @@ def fit(
     total = _total_steps(train_loader, epochs, steps)
     multiplier = _resolve_schedule(schedule, total, preset)
     device = torch.device(device) if device is not None else model.theta0.device
+    mixed = autocast(precision, device)  # checks the setting before any work
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     with parallel(distributed):
@@ -266,7 +285,8 @@ def fit(
                     runner.set_lr(lr)
                     x, y = shard_batch(x, y)
                     try:
-                        terms = runner.step(to_device(x, device), y.to(device))
+                        with mixed:
+                            terms = runner.step(to_device(x, device), y.to(device))
                     except FloatingPointError as err:
                         raise FloatingPointError(f"training failed at step {step}: {err}") from err
                     terms = average_terms(terms, y.shape[0])
@@ -283,6 +303,7 @@ def fit(
                     callback(epoch, record)
         finally:
             bar.close()
+        runner.finalize(_OnDevice(train_loader, device))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - start

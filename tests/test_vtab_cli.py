@@ -212,3 +212,22 @@ def test_a_binary_task_with_more_particles_than_wrong_classes_runs(data_dir: Pat
 def test_help_documents_every_option() -> None:
     assert len([p for p in vtab.main.params if isinstance(p, click.Option)]) >= 25
     assert_help_documents_every_option(vtab.main)
+
+
+@pytest.mark.parametrize(("method", "samples", "parameters"), [
+    ("mle", 1, None), ("fft", 1, 300_746), ("laplace", 2, None), ("ivon", 2, None),
+    ("pvera", 2, 6 * 2 * (64 + 2 * 8) + 650),  # λ_b (64) and λ_d (2r) on q and v of 6 blocks, plus the head
+])
+def test_each_new_baseline_runs_from_the_cli(data_dir: Path, tmp_path: Path, method: str, samples: int,
+                                              parameters: int | None) -> None:
+    output = tmp_path / "out"
+    result = _invoke(data_dir, output, method)
+    assert result.exit_code == 0, result.output
+    record = json.loads((output / "runs" / f"eurosat__{method}__seed0.json").read_text())
+    assert 0 <= record["metrics"]["accuracy"] <= 1 and 0 <= record["metrics"]["ece"] <= 1
+    cost = record["cost"]
+    assert (cost["passes_per_step"], cost["steps"], cost["test_samples"]) == (1, 3, samples)
+    lora = 6 * 2 * 8 * (64 + 64) + 650  # rank 8 on q and v (64 -> 64) of timm's 6-block test ViT, plus the head
+    assert cost["trainable_parameters"] == (parameters or lora)  # fft: every weight of the ViT, no LoRA
+    if method == "laplace":
+        assert record["state"]["hessian_structure"] == "kron" and record["state"]["prior_precision"] != [1.0]

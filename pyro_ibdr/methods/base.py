@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Literal
 
@@ -17,6 +18,9 @@ from ..model import BayesianLoRA
 from ..posterior import Posterior
 
 METHODS: dict[str, type[Method]] = {}
+
+#: What a method trains: LoRA factors (peft ``LoraConfig``), every weight of a plain network, or peft's PVeRA vectors.
+Adapter = Literal["lora", "full", "pvera"]
 
 
 ObjectiveScale = Literal["elbo", "per_example"]
@@ -110,7 +114,12 @@ class Method(ABC):
     :meth:`step` (one minibatch update, returning the terms to log) and :meth:`posterior`, and report
     :attr:`passes_per_step`: the number of forward+backward passes over B examples one step costs
     (K particles × ascent passes), the unit in which comparisons state their compute. A method that keeps
-    a Pyro optimiser in ``self.optim`` gets its scheduled learning rate through :meth:`set_lr`.
+    a Pyro optimiser in ``self.optim`` gets its scheduled learning rate through :meth:`set_lr`. A post-hoc step
+    on the trained model (e.g. fitting a Laplace approximation) goes in :meth:`finalize`, which
+    :func:`~pyro_ibdr.fit` calls once after the last step.
+
+    :cvar adapter: the network the method expects, read by the experiment CLIs when they build it: ``"lora"``
+        (peft LoRA, the default), ``"full"`` (a plain network, every weight in θ) or ``"pvera"`` (peft PVeRA).
 
     **Several processes.** :attr:`distributed_modes` names the modes of :func:`pyro_ibdr.distributed.parallel`
     the method supports; building it inside another mode is an error naming the supported ones. A data-parallel
@@ -122,6 +131,7 @@ class Method(ABC):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     #: The modes of :func:`pyro_ibdr.distributed.parallel` this method runs under (``"data"``, ``"particle"``).
     distributed_modes: ClassVar[frozenset[str]] = frozenset()
+    adapter: ClassVar[Adapter] = "lora"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -179,6 +189,12 @@ class Method(ABC):
         self.lr = lr
         if self.optim is not None:
             set_learning_rate(self.optim, lr)
+
+    def finalize(self, train_loader: Iterable[tuple[Inputs, torch.Tensor]]) -> None:  # noqa: B027 (a no-op hook)
+        """A post-hoc step after training, given re-iterable training batches (x, y) on the model's device.
+
+        The default does nothing.
+        """
 
     def state(self) -> dict[str, Any]:
         """Extra state to checkpoint besides the posterior (e.g. IBDR's λ)."""

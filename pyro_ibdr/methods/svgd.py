@@ -118,10 +118,13 @@ class SteinVGD(Method):
         self.rows = distributed.particle_rows(self.num_particles)
         self.svgd.loss = self._recording(self._process_loss if distributed.mode() is not None else self.svgd.loss)
         self._last_loss = float("nan")
+        self._autocast: tuple[bool, torch.dtype] = (False, torch.float32)
 
     def _recording(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
-            loss = loss_fn(*args, **kwargs)
+            enabled, dtype = self._autocast  # the caller's autocast applies to the model, not to the kernel algebra
+            with torch.autocast(self.initial_particles.device.type, dtype=dtype, enabled=enabled):
+                loss = loss_fn(*args, **kwargs)
             self._last_loss = float(loss.detach())
             return loss
 
@@ -157,7 +160,10 @@ class SteinVGD(Method):
             pyro.get_param_store()[PARTICLES_PARAM] = self.initial_particles.reshape(-1).clone()
             if distributed.mode() is not None:  # Pyro's guide reads the site shapes off one model run: one example
                 self.svgd.guide(*_first_example(x, y))
-        squared = self.svgd.step(x, y)
+        device = self.initial_particles.device.type
+        self._autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        with torch.autocast(device, enabled=False):  # Pyro's kernel products write the float32 particles' .grad
+            squared = self.svgd.step(x, y)
         self.num_steps += 1
         return {"loss": self.factor * self._last_loss / self.num_particles, "sq_grad": float(squared[THETA])}
 

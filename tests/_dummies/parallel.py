@@ -59,6 +59,8 @@ ERRORS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "particle_bbb": ("particle", "bbb", {}, "method 'bbb' does not run under distributed='particle'"),
     "particle_sgld": ("particle", "sgld", {}, "method 'sgld' does not run under distributed='particle'"),
     "particle_sam": ("particle", "sam", {}, "K = 1 particles cannot be split evenly over 2"),
+    "data_laplace": ("data", "laplace", {}, "method 'laplace' does not run under distributed='data' (supported: none)"),
+    "data_ivon": ("data", "ivon", {}, "method 'ivon' does not run under distributed='data' (supported: none)"),
     "particle_odd_k": ("particle", "ibdr", {"num_particles": 3}, "K = 3 particles cannot be split evenly over 2"),
 }
 
