@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from pyro import poutine
 
 from pyro_ibdr import BayesianLoRA, distributed, load_checkpoint, save_checkpoint
+from pyro_ibdr.evaluation import fixed_draws
 from pyro_ibdr.guides import ParticleGuide
 from pyro_ibdr.methods import OptimSettings, create_method
 from pyro_ibdr.model import LOGITS, THETA
@@ -104,7 +105,8 @@ def checkpoints(folder: Path) -> dict[str, Any]:
         pyro.clear_param_store()
         guide = ParticleGuide(model, 4, init_loc=loaded.particles, name="loaded")
         held, gathered = guide.loc.detach().clone(), guide.posterior().particles
-        probs, _ = predict_loader(model, loaded, [(x_test, torch.zeros(len(x_test), dtype=torch.long))])
+        test = [(x_test, torch.zeros(len(x_test), dtype=torch.long))]
+        probs, _ = predict_loader(model, fixed_draws(loaded, None, seed=0), test)
     return {"held": held, "gathered": gathered, "probs": probs}
 
 
