@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
@@ -12,6 +13,7 @@ from pyro import poutine
 from pyro.infer import ELBO
 from pyro.poutine.util import site_is_subsample
 
+from . import distributed
 from .checks import check_field_types
 from .model import DATA_PLATE, LOGITS, THETA
 from .objective import (
@@ -185,6 +187,15 @@ class IBDRLoss(ELBO):
     −2, so θ arrives as (K, 1, D) and the logits as (K, B, C). :class:`~pyro_ibdr.BayesianLoRA` follows this
     contract; a missing site is an error naming it, and so is a step without labels (``svi.step(x)``).
 
+    **Several processes** (:mod:`pyro_ibdr.distributed`). Data parallelism: each process sees a shard of the
+    batch; the ascent gradient and the output cost are reduced to their global-batch values (so e, the clip
+    and λ are the same everywhere), and the logged data and diversity terms are the shard's (``fit`` averages
+    them). Particle parallelism: each process draws its K/W particles; the logits of all K particles are
+    gathered with gradients, so the data and diversity terms are global and identical on every process, which
+    back-propagates the share 1/W of them plus its own part of the KL term; the tie, the clip norm, the cost
+    and the logged norms run over all K particles. The gradients of parameters several processes hold are
+    reduced by the training method (:func:`~pyro_ibdr.distributed.reduce_gradients`).
+
     **Pyro's interfaces.** ``SVI(model, guide, optim, IBDRLoss(...))`` (``loss_and_grads``),
     ``evaluate_loss``/:meth:`loss` (no gradients kept, λ unchanged, works under ``no_grad``), and the
     ``ELBOModule`` path for plain torch loops: ``loss_fn = IBDRLoss()(model, guide)`` calls
@@ -234,10 +245,11 @@ class IBDRLoss(ELBO):
 
     @staticmethod
     def _predictions(trace: poutine.Trace, size: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(logits (K, B, C), labels (B,), likelihood scale: N/B in ELBO units)."""
+        """(logits (K, B, C) of all particles, labels (B,), likelihood scale: N/B in ELBO units) from the trace of
+        this process's ``size`` particles."""
         obs = trace.nodes[OBS]
         logits = trace.nodes[LOGITS]["value"]
-        return logits.reshape(size, *logits.shape[-2:]), obs["value"], float(obs["scale"])
+        return distributed.gather_particles(logits.reshape(size, *logits.shape[-2:])), obs["value"], float(obs["scale"])
 
     # ------------------------------------------------------------------------------------- objective
     def _diversity(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -250,7 +262,8 @@ class IBDRLoss(ELBO):
                       shared: torch.Tensor | None) -> torch.Tensor:
         """e = θ' − θ: the ascent rule on the (tied, clipped) gradient of the per-example-mean ascent objective."""
         objective = self.pieces.data.ascent(logits, targets).mean() + self._diversity(logits, targets).mean()
-        (grad,) = torch.autograd.grad(objective, theta)
+        (grad,) = torch.autograd.grad(distributed.loss_share() * objective, theta)
+        (grad,) = distributed.batch_mean([grad], count=targets.shape[0])
         grad = tie_shared(grad.detach(), shared)
         if self.settings.clip_norm is not None:
             grad = clip_global_norm(grad, self.settings.clip_norm, shared)
@@ -271,20 +284,21 @@ class IBDRLoss(ELBO):
             after, targets, scale = self._predictions(self._model_at(model, theta + perturbation, args, kwargs), size)
         data_term = scale * self.pieces.data(after, targets).sum()
         diversity_term = scale * self._diversity(after, targets).sum()
-        kl = theta_site["scale"] * self.pieces.kl(guide, model, model_trace, guide_trace)
-        loss = data_term + diversity_term + kl
-        if not torch.isfinite(loss):
+        own_kl = theta_site["scale"] * self.pieces.kl(guide, model, model_trace, guide_trace)
+        kl = distributed.particle_sum(own_kl.detach())
+        total = float(data_term.detach() + diversity_term.detach() + kl)
+        if not math.isfinite(total):
             raise FloatingPointError(
                 f"IBDRLoss is not finite: data {float(data_term.detach())}, diversity "
-                f"{float(diversity_term.detach())}, kl {float(kl.detach())}"
+                f"{float(diversity_term.detach())}, kl {float(kl)}"
             )
 
         cost = self.pieces.cost(perturbation, logits, after) if self.pieces.ascent.active else 0.0
         self.terms = {
-            "loss": float(loss.detach()),
+            "loss": total,
             "data": float(data_term.detach()),
             "diversity": float(diversity_term.detach()),
-            "kl": float(kl.detach()),
+            "kl": float(kl),
             "cost": cost,
             "lambda": self.lam,
             "step_norm": _mean_row_norm(perturbation),
@@ -292,7 +306,7 @@ class IBDRLoss(ELBO):
         }
         if update_dual and self.pieces.ascent.uses_dual:
             self.lam = self.pieces.dual(self.lam, cost, self.schedule_factor)
-        return loss
+        return distributed.loss_share() * (data_term + diversity_term) + own_kl
 
     # ------------------------------------------------------------------------------- Pyro interfaces
     def loss(self, model, guide, *args, **kwargs) -> float:
@@ -340,4 +354,5 @@ def _check_model_sites(trace: poutine.Trace) -> None:
 
 
 def _mean_row_norm(value: torch.Tensor) -> float:
-    return float(value.detach().reshape(value.shape[0], -1).norm(dim=1).mean())
+    """mean_i ||row_i|| over all particles (this process's rows given)."""
+    return float(distributed.particle_mean(value.detach().reshape(value.shape[0], -1).norm(dim=1)))

@@ -9,6 +9,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from . import distributed
 from .checks import positive_int, positive_number
 from .functional import BatchedForward, Inputs, Mode, batch_size
 from .params import ParamFilter, ParamSpec, trainable
@@ -141,7 +142,8 @@ class BayesianLoRA:
     def __call__(self, x: Inputs, y: torch.Tensor | None = None) -> torch.Tensor:
         n_batch = self._check_batch(x, y)
         theta = pyro.sample(THETA, self.prior())
-        logits = self.logits(theta, x)
+        with distributed.independent_randomness("data", "particle"):  # dropout masks differ between processes
+            logits = self.logits(theta, x)
         if not torch.isfinite(logits).all():
             raise FloatingPointError("the network produced non-finite logits (NaN or inf); check inputs and step size")
         num_classes = logits.shape[-1]

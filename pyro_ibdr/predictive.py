@@ -10,6 +10,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive
 
+from . import distributed
 from .dropout import dropout_mode
 from .functional import Inputs
 from .metrics import EnsembleMode, ensemble_probs
@@ -162,7 +163,9 @@ def predict_loader(
     precision: Precision = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probs (S, N, C), targets (N,)) over a loader of (x, y) batches, with the same θ samples for every batch
-    (S as in :func:`predictive_probs`).
+    (S as in :func:`predictive_probs`). Under a distributed mode every process evaluates its block of the S
+    samples (when W divides S) and the probabilities of all samples are gathered on every process (a posterior
+    with ``own_predictive`` predicts all S on every process).
 
     A posterior with ``own_predictive`` predicts every batch with a generator seeded by ``seed``, so every batch
     gets the same draws too. ``chunk_size`` and ``precision`` as in :func:`predictive_probs`; an adapted chunk
@@ -173,6 +176,9 @@ def predict_loader(
     own = isinstance(posterior, Posterior) and posterior.own_predictive
     # θ samples go to the device, e.g. for a checkpoint loaded on the CPU
     samples = None if own else to_device(_as_samples(posterior, num_samples, model.dim), device)
+    total = 0 if own else samples[THETA].shape[0]
+    if not own:
+        samples = {THETA: samples[THETA][distributed.prediction_rows(total)]}
     if own:
         num_samples = posterior.num_draws(num_samples)
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
@@ -185,7 +191,8 @@ def predict_loader(
             generator = torch.Generator(device=model.theta0.device).manual_seed(seed)
             batch_probs = posterior.predict(model, x, num_samples, generator)
         else:
-            batch_probs = _predict_samples(model, x, samples, dropout, chunks, precision)
+            local = _predict_samples(model, x, samples, dropout, chunks, precision)
+            batch_probs = distributed.gather_predictions(local, total)
         probs.append(batch_probs.cpu())
         targets.append(y.cpu())
     if not probs:

@@ -22,6 +22,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import Mode, average_terms, is_main_process, mode, parallel, shard_batch, world_size
 from .methods.base import Method, OptimSettings, create_method
 from .model import BayesianLoRA
 from .posterior import EmpiricalPosterior, GaussianPosterior, ParticlePosterior, Posterior
@@ -53,6 +54,7 @@ class FitResult:
     :ivar state: the method's extra state (e.g. IBDR's λ and settings).
     :ivar config: the method's config as plain values (``method.config.to_dict()``).
     :ivar preset: the name of the preset the run used, or None.
+    :ivar distributed: the distributed mode (``"data"``, ``"particle"``) and the number of processes, or None.
     """
 
     posterior: Posterior
@@ -67,6 +69,7 @@ class FitResult:
     state: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None
+    distributed: dict[str, Any] | None = None
 
 
 def _check_length(epochs: int | None, steps: int | None) -> None:
@@ -215,6 +218,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     device: torch.device | str | None = None,
+    distributed: Mode | None = None,
     precision: Precision = "fp32",
     **method_options: Any,
 ) -> FitResult:
@@ -240,10 +244,18 @@ def fit(
         authors' 500 steps; a run not longer than that is an error) or a callable step ↦ multiplier; None:
         the preset's schedule, else constant.
     :param callbacks: called after every epoch with ``(epoch, record)``.
-    :param progress: show a progress bar (only when stderr is a terminal) with the loss and λ.
+    :param progress: show a progress bar (only when stderr is a terminal, on the main process) with the loss
+        and λ.
+    :param distributed: train with every process of the ``torch.distributed`` group (launched with
+        ``torchrun``): ``"data"`` (each process steps on its contiguous shard of every batch; the logged terms
+        are averaged over the shards) or ``"particle"`` (each process holds K/W particles); see
+        :mod:`pyro_ibdr.distributed`. Every process calls ``fit`` with the same arguments and a loader that
+        yields the same batches (seed its shuffling), and gets the same result, with the whole posterior: one
+        process's run, to float rounding. Callbacks run on every process.
     :param precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` to run every step under ``torch.autocast``
         (:mod:`pyro_ibdr.precision`: θ and the optimiser state stay float32, no gradient scaler).
     :raises FloatingPointError: naming the step at which the loss became NaN or infinite.
+    :raises ValueError: for a method that does not support the ``distributed`` mode.
     """
     if not isinstance(model, BayesianLoRA):
         raise TypeError(f"model must be a BayesianLoRA, got {type(model).__name__}")
@@ -259,47 +271,54 @@ def fit(
     mixed = autocast(precision, device)  # checks the setting before any work
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    runner = _build_method(method, model, optim, seed, method_options, preset)
-    runner.plan(total)
-    base_lr = runner.optim_settings.lr
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    with parallel(distributed):
+        runner = _build_method(method, model, optim, seed, method_options, preset)
+        runner.plan(total)
+        if runner.distributed_mode != mode():
+            raise ValueError(f"the method instance was built for distributed={runner.distributed_mode!r}: build it "
+                             f"inside pyro_ibdr.distributed.parallel({distributed!r}), or pass the method's name")
+        base_lr = runner.optim_settings.lr
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
-    history: list[dict[str, float]] = []
-    bar = tqdm(total=total, disable=not progress or not sys.stderr.isatty(), desc=runner.name, leave=False)
-    step, lr = 0, base_lr
-    start = time.perf_counter()
-    try:
-        for epoch, batches in groupby(_numbered_batches(train_loader, total), key=itemgetter(0)):
-            sums: dict[str, float] = defaultdict(float)
-            count = 0
-            for _, batch in batches:
-                x, y = split_batch(batch)
-                lr = base_lr * multiplier(step)
-                runner.set_lr(lr)
-                try:
-                    with mixed:
-                        terms = runner.step(to_device(x, device), y.to(device))
-                except FloatingPointError as err:
-                    raise FloatingPointError(f"training failed at step {step}: {err}") from err
-                _check_loss(step, terms)
-                for name, value in terms.items():
-                    sums[name] += value
-                count += 1
-                step += 1
-                bar.update()
-                bar.set_postfix({k: f"{terms[k]:.4g}" for k in ("loss", "lambda") if k in terms}, refresh=False)
-            record = _epoch_record(sums, count, runner.posterior(), epoch, step, lr)
-            history.append(record)
-            for callback in callbacks:
-                callback(epoch, record)
-    finally:
-        bar.close()
-    runner.finalize(_OnDevice(train_loader, device))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall = time.perf_counter() - start
-    posterior = runner.posterior()
+        history: list[dict[str, float]] = []
+        quiet = not progress or not sys.stderr.isatty() or not is_main_process()
+        bar = tqdm(total=total, disable=quiet, desc=runner.name, leave=False)
+        step, lr = 0, base_lr
+        start = time.perf_counter()
+        try:
+            for epoch, batches in groupby(_numbered_batches(train_loader, total), key=itemgetter(0)):
+                sums: dict[str, float] = defaultdict(float)
+                count = 0
+                for _, batch in batches:
+                    x, y = split_batch(batch)
+                    lr = base_lr * multiplier(step)
+                    runner.set_lr(lr)
+                    x, y = shard_batch(x, y)
+                    try:
+                        with mixed:
+                            terms = runner.step(to_device(x, device), y.to(device))
+                    except FloatingPointError as err:
+                        raise FloatingPointError(f"training failed at step {step}: {err}") from err
+                    terms = average_terms(terms, y.shape[0])
+                    _check_loss(step, terms)
+                    for name, value in terms.items():
+                        sums[name] += value
+                    count += 1
+                    step += 1
+                    bar.update()
+                    bar.set_postfix({k: f"{terms[k]:.4g}" for k in ("loss", "lambda") if k in terms}, refresh=False)
+                record = _epoch_record(sums, count, runner.posterior(), epoch, step, lr)
+                history.append(record)
+                for callback in callbacks:
+                    callback(epoch, record)
+        finally:
+            bar.close()
+        runner.finalize(_OnDevice(train_loader, device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
+        posterior = runner.posterior()
     return FitResult(
         posterior=posterior,
         method=runner.name,
@@ -313,4 +332,5 @@ def fit(
         state=runner.state(),
         config=runner.config.to_dict(),
         preset=preset.name if preset is not None else None,
+        distributed={"mode": distributed, "world_size": world_size()} if distributed is not None else None,
     )

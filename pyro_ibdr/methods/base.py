@@ -10,9 +10,11 @@ from typing import Any, ClassVar, Literal
 import pyro.optim
 import torch
 from pyro import poutine
+from pyro.infer import SVI
 
+from .. import distributed
 from ..checks import check_field_types
-from ..functional import Inputs
+from ..functional import Inputs, batch_size
 from ..model import BayesianLoRA
 from ..posterior import Posterior
 from ..registry import register_subclass
@@ -130,10 +132,17 @@ class Method(ABC):
 
     :cvar adapter: the network the method expects, read by the experiment CLIs when they build it: ``"lora"``
         (peft LoRA, the default), ``"full"`` (a plain network, every weight in θ) or ``"pvera"`` (peft PVeRA).
+
+    **Several processes.** :attr:`distributed_modes` names the modes of :func:`pyro_ibdr.distributed.parallel`
+    the method supports; building it inside another mode is an error naming the supported ones. A data-parallel
+    step receives this process's shard of the batch and must leave every process with the update of the whole
+    batch; SVI-based methods get that from :func:`distributed_svi`.
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    #: The modes of :func:`pyro_ibdr.distributed.parallel` this method runs under (``"data"``, ``"particle"``).
+    distributed_modes: ClassVar[frozenset[str]] = frozenset()
     adapter: ClassVar[Adapter] = "lora"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -153,11 +162,18 @@ class Method(ABC):
             raise TypeError(f"model must be a BayesianLoRA, got {type(model).__name__}")
         if optim is not None and not isinstance(optim, OptimSettings):
             raise TypeError(f"optim must be an OptimSettings, e.g. OptimSettings(lr=1e-3), got {type(optim).__name__}")
+        current = distributed.mode()
+        if current is not None and current not in self.distributed_modes:
+            supported = ", ".join(repr(m) for m in sorted(self.distributed_modes)) or "none"
+            raise ValueError(f"method {self.name!r} does not run under distributed={current!r} "
+                             f"(supported: {supported})")
         config = config if config is not None else self.config_class()
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
         self.model = model
         self.config = config
+        #: The distributed mode this method was built for (None: one process).
+        self.distributed_mode = current
         self.optim_settings = optim or OptimSettings()
         self.seed = seed
         self.lr = self.optim_settings.lr
@@ -212,6 +228,31 @@ class Method(ABC):
     def state(self) -> dict[str, Any]:
         """Extra state to checkpoint besides the posterior (e.g. IBDR's λ)."""
         return {}
+
+
+class _ReducedGradients:
+    """``SVI.loss_and_grads`` followed by :func:`~pyro_ibdr.distributed.reduce_gradients` on the parameters it
+    touched (data parallelism: shard-weighted means; particle parallelism: sums of the parameters every process
+    holds, i.e. all but the guide's ``sharded_params``)."""
+
+    def __init__(self, loss_and_grads: Any) -> None:
+        self.loss_and_grads = loss_and_grads
+
+    def __call__(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> Any:
+        with poutine.trace(param_only=True) as capture:
+            loss = self.loss_and_grads(model, guide, *args, **kwargs)
+        params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
+        distributed.reduce_gradients(params, batch_size(args[0]), getattr(guide, "sharded_params", ()))
+        return loss
+
+
+def distributed_svi(model: Any, guide: Any, optim: pyro.optim.PyroOptim, loss: Any) -> SVI:
+    """``pyro.infer.SVI(model, guide, optim, loss)`` whose steps reduce the gradients across processes between
+    ``loss_and_grads`` and the optimiser step (:func:`~pyro_ibdr.distributed.reduce_gradients`; nothing happens
+    outside a distributed mode). The returned loss stays this process's own."""
+    svi = SVI(model, guide, optim, loss)
+    svi.loss_and_grads = _ReducedGradients(svi.loss_and_grads)
+    return svi
 
 
 def create_method(

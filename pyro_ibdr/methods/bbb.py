@@ -17,7 +17,7 @@ from ..functional import Inputs
 from ..model import THETA, BayesianLoRA
 from ..param_store import shaped_param
 from ..posterior import GaussianPosterior, Posterior
-from .base import Method, MethodConfig, OptimSettings
+from .base import Method, MethodConfig, OptimSettings, distributed_svi
 
 
 class _ScaleSite(Messenger):
@@ -106,6 +106,7 @@ class BayesByBackprop(Method):
 
     name = "bbb"
     config_class = BBBConfig
+    distributed_modes = frozenset({"data"})
 
     def __init__(
         self, model: BayesianLoRA, config: BBBConfig | None = None, optim: OptimSettings | None = None,
@@ -123,7 +124,7 @@ class BayesByBackprop(Method):
         elbo = TraceMeanField_ELBO(
             num_particles=self.num_samples, vectorize_particles=True, max_plate_nesting=self.model.max_plate_nesting
         )
-        return SVI(anneal(self.model), anneal(self.guide), self.optim, elbo)
+        return distributed_svi(anneal(self.model), anneal(self.guide), self.optim, elbo)
 
     @property
     def kl_anneal_steps(self) -> int:

@@ -85,6 +85,9 @@ class FHBI(SteinVGD):
 
     name = "fhbi"
     config_class = FHBIConfig
+    #: The sharpness ascent mixes every particle's minibatch gradient through the kernel; neither mode of
+    #: :mod:`pyro_ibdr.distributed` reduces it yet, so FHBI runs in one process only (a clear error otherwise).
+    distributed_modes = frozenset()
 
     def _make_svgd(self) -> SVGD:
         return SharpnessAwareSVGD(self.model, self.kernel, self.optim, self.num_particles, self.config.rho)

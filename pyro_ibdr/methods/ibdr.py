@@ -6,7 +6,6 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
-from pyro.infer import SVI
 
 from ..functional import Inputs
 from ..guides import ParticleGuide
@@ -14,7 +13,7 @@ from ..losses import IBDRLoss, IBDRSettings
 from ..metrics import EnsembleMode
 from ..model import BayesianLoRA
 from ..posterior import Posterior
-from .base import Method, MethodConfig, OptimSettings
+from .base import Method, MethodConfig, OptimSettings, distributed_svi
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,7 @@ class IBDR(Method):
 
     name = "ibdr"
     config_class = IBDRConfig
+    distributed_modes = frozenset({"data", "particle"})
 
     def __init__(
         self, model: BayesianLoRA, config: IBDRConfig | None = None, optim: OptimSettings | None = None,
@@ -81,12 +81,17 @@ class IBDR(Method):
         settings = c.loss if c.loss.dual_lr is not None else replace(c.loss, dual_lr=self.optim_settings.lr)
         self.loss = IBDRLoss(settings)
         self.optim = self.optim_settings.pyro_optimizer()
-        self.svi = SVI(self.model, self.guide, self.optim, loss=self.loss)
+        self.svi = distributed_svi(self.model, self.guide, self.optim, self.loss)
+
+    @property
+    def num_particles(self) -> int:
+        """K, over all processes under particle parallelism."""
+        return self.guide.total_particles
 
     @property
     def passes_per_step(self) -> int:
         ascent_passes = 2 if self.loss.pieces.ascent.active else 1
-        return ascent_passes * self.guide.num_particles
+        return ascent_passes * self.num_particles
 
     def set_lr(self, lr: float) -> None:
         super().set_lr(lr)

@@ -58,6 +58,9 @@ class IVON(Method):
     N(0, 1/(N δ)), so δ = 1/(N s²) is the model's prior. The learning rate has the scale of an SGD step on ℓ̄
     (the first steps are m ← m − lr·ĝ while h ≈ h0): Adam-sized rates are too small. m starts at θ0.
     The posterior is the optimiser's Gaussian (loc m, scale (λ (h + δ))^{-1/2}).
+
+    Not under :mod:`pyro_ibdr.distributed`: ivon-opt's optimiser draws the weight noise and estimates the Hessian
+    inside its own step, with no reduction across processes.
     """
 
     name = "ivon"

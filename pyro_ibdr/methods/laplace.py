@@ -262,10 +262,14 @@ class LaplaceLoRA(MAP):
     pass over the training data with C backward passes per batch (KFAC of the exact GGN; 1 with ``stochastic``)
     or per chunk of ``jacobian_batch_size`` examples (diagonal, from Jacobians); the GLM predictive costs C
     backward passes per chunk of test examples, whatever S; the "nn" predictive S forward passes.
+
+    Not under :mod:`pyro_ibdr.distributed`: laplace-torch's curvature pass and its marginal-likelihood fit hold the
+    whole training set's sums on one process (no reduction across processes).
     """
 
     name = "laplace"
     config_class = LaplaceConfig
+    distributed_modes = frozenset()
 
     def __init__(
         self, model: BayesianLoRA, config: LaplaceConfig | None = None, optim: OptimSettings | None = None,

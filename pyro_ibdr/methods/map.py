@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, init_to_value
 
 from ..functional import Inputs
@@ -14,7 +14,7 @@ from ..initialisation import seeded_particles
 from ..model import THETA, BayesianLoRA
 from ..param_store import check_stored_param
 from ..posterior import ParticlePosterior, Posterior
-from .base import Method, MethodConfig, OptimSettings
+from .base import Method, MethodConfig, OptimSettings, distributed_svi
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class MAP(Method):
 
     name = "map"
     config_class = MAPConfig
+    distributed_modes = frozenset({"data"})
 
     def __init__(
         self, model: BayesianLoRA, config: MAPConfig | None = None, optim: OptimSettings | None = None,
@@ -56,7 +57,8 @@ class MAP(Method):
         # init_to_value's tensor becomes the parameter storage: pass a clone.
         self.guide = AutoDelta(model, init_loc_fn=init_to_value(values={THETA: self.theta_init.clone()}))
         self.optim = self.optim_settings.pyro_optimizer()
-        self.svi = SVI(self.objective(), self.guide, self.optim, Trace_ELBO(max_plate_nesting=model.max_plate_nesting))
+        elbo = Trace_ELBO(max_plate_nesting=model.max_plate_nesting)
+        self.svi = distributed_svi(self.objective(), self.guide, self.optim, elbo)
 
     def objective(self) -> Callable:
         """The Pyro model whose log joint the point estimate maximises: the model itself (prior and likelihood)."""

@@ -10,7 +10,7 @@ from pyro.infer import SVI
 from ..functional import Inputs
 from ..losses import IBDRLoss
 from ..model import BayesianLoRA
-from .base import MethodConfig, OptimSettings
+from .base import MethodConfig, OptimSettings, distributed_svi
 from .bbb import BayesByBackprop, check_mean_field
 
 
@@ -55,7 +55,7 @@ class SABNN(BayesByBackprop):
         return 0
 
     def _build_svi(self) -> SVI:
-        return SVI(self.model, self.guide, self.optim, self.loss)
+        return distributed_svi(self.model, self.guide, self.optim, self.loss)
 
     @property
     def passes_per_step(self) -> int:

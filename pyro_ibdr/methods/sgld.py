@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from pyro import poutine
 
-from ..functional import Inputs
+from .. import distributed
+from ..functional import Inputs, batch_size
 from ..model import THETA, BayesianLoRA
 from ..posterior import EmpiricalPosterior, Posterior
 from .base import Method, MethodConfig, OptimSettings
@@ -46,10 +47,13 @@ class SGLD(Method):
     ELBO units of the other methods corresponds to ``lr`` = N × that rate here.
     The chain starts at the LoRA initialisation θ0; after ``burn_in`` steps every ``thin``-th state is kept
     in a FIFO buffer of at most ``num_samples``. The optimiser settings other than ``lr`` are not used.
+    Data-parallel processes reduce U and ∇U to their global-batch values and draw the same noise (the chain's
+    generator is seeded alike), so they hold one chain.
     """
 
     name = "sgld"
     config_class = SGLDConfig
+    distributed_modes = frozenset({"data"})
 
     def __init__(
         self, model: BayesianLoRA, config: SGLDConfig | None = None, optim: OptimSettings | None = None,
@@ -73,12 +77,14 @@ class SGLD(Method):
         return 1
 
     def potential_and_grad(self, x: Inputs, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U(θ), ∇U(θ)) at the current θ from the model's trace (the likelihood scaled by N/B)."""
+        """(U(θ), ∇U(θ)) at the current θ from the model's trace (the likelihood scaled by N/B), reduced to the
+        global batch under data parallelism."""
         theta = self.theta.detach().requires_grad_(True)
         trace = poutine.trace(poutine.condition(self.model, data={THETA: theta})).get_trace(x, y)
         potential = -trace.log_prob_sum()
         (grad,) = torch.autograd.grad(potential, theta)
-        return potential.detach(), grad
+        potential, grad = distributed.batch_mean([potential.detach(), grad], count=batch_size(x))
+        return potential, grad
 
     def step(self, x: Inputs, y: torch.Tensor) -> dict[str, float]:
         potential, grad = self.potential_and_grad(x, y)

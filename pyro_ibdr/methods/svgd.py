@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import pyro
 import pyro.optim
 import torch
+from pyro import poutine
 from pyro.infer import SVGD
 from pyro.infer.svgd import SteinKernel
 
-from ..functional import Inputs
+from .. import distributed
+from ..functional import Inputs, batch_size
 from ..initialisation import seeded_particles
 from ..kernels import FlooredRBFSteinKernel, ScalarRBFKernel
 from ..model import THETA, BayesianLoRA
@@ -83,10 +85,18 @@ class SteinVGD(Method):
     ``step`` reports ``loss`` = −(1/K) Σ_n log p(θ_n, D_b), the mean negative minibatch log joint of the
     particles (from the same pass that computes the gradients; divided by N in per-example units), and
     ``sq_grad``, the mean squared entry of the SVGD update direction in ELBO units (Pyro's convergence monitor).
+
+    **Several processes** (:mod:`pyro_ibdr.distributed`). Every process keeps all K particles: the kernel needs
+    them all, and every process applies the same update, so they stay identical. What is split is the
+    log joint's gradient, the expensive part: data-parallel processes evaluate all K particles on their shard
+    of the batch and reduce the gradients to the global batch; particle-parallel processes evaluate their block
+    of K/W particles on the whole batch and all-gather the blocks' gradients (K/W·D floats each). Pyro's
+    ``SVGD.step`` then forms the kernel and φ from the K particles and the K gradients, unchanged.
     """
 
     name = "svgd"
     config_class = SVGDConfig
+    distributed_modes = frozenset({"data", "particle"})
 
     def __init__(
         self, model: BayesianLoRA, config: SVGDConfig | None = None, optim: OptimSettings | None = None,
@@ -104,7 +114,8 @@ class SteinVGD(Method):
             self.svgd.optim = _ScaledGradients(self.optim, self.factor)
         self.initial_particles = seeded_particles(model, self.num_particles, seed)
         self.num_steps = 0
-        self.svgd.loss = self._recording(self.svgd.loss)
+        self.rows = distributed.particle_rows(self.num_particles)
+        self.svgd.loss = self._recording(self._process_loss if distributed.mode() is not None else self.svgd.loss)
         self._last_loss = float("nan")
         self._autocast: tuple[bool, torch.dtype] = (False, torch.float32)
 
@@ -123,6 +134,25 @@ class SteinVGD(Method):
 
         return recorded
 
+    def _process_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """−Σ_n log p(θ_n, D_b) over all K particles and the global batch, as a surrogate whose gradient with
+        respect to Pyro's particle parameter is the reduced gradient; this process evaluates its block of
+        particles (:func:`~pyro_ibdr.distributed.particle_rows`) on its shard of the batch."""
+        rows = pyro.param(PARTICLES_PARAM).unconstrained().reshape(self.num_particles, -1)
+        own = rows[self.rows]
+        plate = pyro.plate("svgd_process_particles", own.shape[0], dim=-(self.model.max_plate_nesting + 1))
+        with plate:
+            trace = poutine.trace(poutine.condition(self.model, data={THETA: own.unsqueeze(-2)})).get_trace(
+                *args, **kwargs
+            )
+        loss = -trace.log_prob_sum()
+        (grad,) = torch.autograd.grad(loss, own)
+        grad, total = distributed.batch_mean(
+            [distributed.gather_particles(grad), distributed.particle_sum(loss.detach())], count=batch_size(args[0])
+        )
+        surrogate = (rows * grad).sum()
+        return surrogate - surrogate.detach() + total
+
     @property
     def passes_per_step(self) -> int:
         return self.num_particles
@@ -132,7 +162,9 @@ class SteinVGD(Method):
             # Pyro's guide would start from prior draws. Its parameter is the flat (K·1·D) vector of unconstrained
             # θ's, equal to the constrained ones on the real line; a parameter left by an earlier run is replaced.
             pyro.get_param_store()[PARTICLES_PARAM] = self.initial_particles.reshape(-1).clone()
-        check_stored_param(PARTICLES_PARAM, (self.num_particles * self.model.dim,))
+            if distributed.mode() is not None:  # Pyro's guide reads the site shapes off one model run: one example
+                self.svgd.guide(*_first_example(x, y))
+        check_stored_param(PARTICLES_PARAM, (self.initial_particles.numel(),))
         device = self.initial_particles.device.type
         self._autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         with torch.autocast(device, enabled=False):  # Pyro's kernel products write the float32 particles' .grad
@@ -156,3 +188,10 @@ class SteinVGD(Method):
             "mode": self.svgd.mode,
             "bandwidth_factor": self.kernel.bandwidth_factor,
         }
+
+
+def _first_example(x: Inputs, y: torch.Tensor) -> tuple[Inputs, torch.Tensor]:
+    """The batch's first row (every tensor of a mapping x)."""
+    if isinstance(x, Mapping):
+        return {k: v[:1] for k, v in x.items()}, y[:1]
+    return x[:1], y[:1]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed
+
 _TINY = 1e-12
 
 
@@ -21,25 +23,27 @@ def tie_shared(grad: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
     """g with the shared entries (boolean mask (D,)) replaced by their sum over the K particles.
 
     A head shared by all particles is one tensor: the gradient of the joint ascent objective with respect to
-    it is Σ_i ∂/∂head_i, and its perturbation is the same for every particle.
+    it is Σ_i ∂/∂head_i, and its perturbation is the same for every particle. Under particle parallelism the
+    sum runs over every process's particles.
     """
     if shared is None or not bool(shared.any()):
         return grad
-    return torch.where(shared, grad.sum(0, keepdim=True), grad)
+    return torch.where(shared, distributed.particle_sum(grad.sum(0, keepdim=True)), grad)
 
 
 def clip_global_norm(grad: torch.Tensor, max_norm: float, shared: torch.Tensor | None = None) -> torch.Tensor:
     """g scaled by min(1, max_norm / ||g||), the norm taken jointly over all particles (and the head).
 
     Shared entries (mask (D,), already tied by :func:`tie_shared`) count once, as the one tensor they are.
+    Under particle parallelism the norm runs over every process's particles.
     Source: the authors' code (``clip_grad_norm_`` over all parameters before the ascent, max_norm 0.12–0.3).
     """
     rows = _rows(grad)
     if shared is None or not bool(shared.any()):
-        squared = rows.pow(2).sum()
+        squared = distributed.particle_sum(rows.pow(2).sum())
     else:
         own = rows[:, ~shared.reshape(-1)]
-        squared = own.pow(2).sum() + rows[0, shared.reshape(-1)].pow(2).sum()
+        squared = distributed.particle_sum(own.pow(2).sum()) + rows[0, shared.reshape(-1)].pow(2).sum()
     factor = (max_norm / squared.sqrt().clamp_min(_TINY)).clamp(max=1.0)
     return grad * factor
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
+
 
 class ParameterCost:
     r"""The paper's squared-Euclidean cost in parameter space, averaged over particles:
@@ -19,13 +21,14 @@ class ParameterCost:
         c(θ, θ') = (1/K) Σ_i ||θ'_i − θ_i||².
 
     Source: the paper (c in ℓ̃, the cost under which the closed-form ascent is g/(2λ)). ρ is in units of θ².
+    Under particle parallelism the mean runs over every process's particles.
     """
 
     name = "parameter"
 
     def __call__(self, perturbation: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> float:
-        """c from e = θ' − θ (K, ..., D); the logits before/after (K, B, C) are not used."""
-        return float(perturbation.detach().reshape(perturbation.shape[0], -1).pow(2).sum(1).mean())
+        """c from e = θ' − θ (K, ..., D) (this process's particles); the logits before/after are not used."""
+        return float(distributed.particle_mean(perturbation.detach().reshape(perturbation.shape[0], -1).pow(2).sum(1)))
 
 
 class OutputCost:
@@ -35,6 +38,8 @@ class OutputCost:
         d̃ = d · exp(max(0, d − ε) / τ),   τ = 0.01.
 
     Source: the authors' code (not the paper). ρ = ε is in units of a probability-vector distance (0 – √2).
+    Under data parallelism d is the mean over the global batch (:func:`~pyro_ibdr.distributed.batch_mean`)
+    before the barrier.
     """
 
     name = "output"
@@ -46,10 +51,11 @@ class OutputCost:
         self.temperature = float(temperature)
 
     def __call__(self, perturbation: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> float:
-        """d̃ from the particles' logits (K, B, C) at θ (``before``) and θ' (``after``)."""
+        """d̃ from all particles' logits (K, B, C) at θ (``before``) and θ' (``after``)."""
         p_before = before.detach().mean(0).softmax(-1)
         p_after = after.detach().mean(0).softmax(-1)
-        distance = float((p_after - p_before).norm(dim=-1).mean())
+        (distance,) = distributed.batch_mean([(p_after - p_before).norm(dim=-1).mean()], count=before.shape[1])
+        distance = float(distance)
         return distance * math.exp(max(0.0, distance - self.epsilon) / self.temperature)
 
 

@@ -3,6 +3,9 @@
 Each term returns its value in ELBO units (as the evidence bound counts it, next to a likelihood summed over
 the data set); :class:`~pyro_ibdr.IBDRLoss` multiplies it by the θ site's scale, so that under
 ``poutine.scale(scale=1/N)`` it stays in the units of the data term. β is the term's weight.
+
+Under particle parallelism a guide holds K/W of the K components (``guide.total_particles`` = K): each term
+then returns this process's part, and the parts of all processes sum to the term.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ def _loc_and_sigma(guide: Callable, kind: str) -> tuple[torch.Tensor, torch.Tens
     if not (hasattr(guide, "loc") and hasattr(guide, "scale")):
         raise ValueError(f"kl={kind!r} needs a guide with .loc (K, D) and .scale (σ); use kl='mc' for other guides")
     return guide.loc, guide.scale
+
+
+def _total(guide: Callable, held: int) -> int:
+    """K, the mixture's components over all processes (``held``, the guide's own, without particle parallelism)."""
+    return int(getattr(guide, "total_particles", held))
 
 
 def _prior_scale(model: Callable) -> float:
@@ -42,7 +50,7 @@ class PaperKL(_Weighted):
 
     Source: the paper's practical objective, (β/K)[Σ_i ||μ_i||² + d(σ − log σ)] for s = 1; with a prior
     scale s every length is measured in units of s. For point masses (σ = 0) the σ part is infinite and
-    constant; it is left out.
+    constant; it is left out. A process holding K' of the K components adds the σ part with weight K'/K.
     """
 
     name = "paper"
@@ -50,11 +58,12 @@ class PaperKL(_Weighted):
     def __call__(self, guide, model, model_trace: poutine.Trace, guide_trace: poutine.Trace) -> torch.Tensor:
         loc, sigma = _loc_and_sigma(guide, self.name)
         s = _prior_scale(model)
-        size, dim = loc.shape
+        held, dim = loc.shape
+        size = _total(guide, held)
         total = loc.pow(2).sum() / s**2
         if float(sigma.detach()) > 0:
             ratio = sigma / s
-            total = total + dim * (ratio - ratio.log())
+            total = total + held / size * dim * (ratio - ratio.log())
         return self.weight / size * total
 
 
@@ -73,10 +82,10 @@ class ExactKL(_Weighted):
         if float(sigma.detach()) == 0:
             raise ValueError("kl='exact' is infinite for point-mass particles (sigma = 0); use 'paper' or 'none'")
         s = _prior_scale(model)
-        size, dim = loc.shape
+        held, dim = loc.shape
         variance_ratio = sigma.pow(2) / s**2
         per_component = 0.5 * (loc.pow(2).sum(-1) / s**2 + dim * (variance_ratio - 1 - variance_ratio.log()))
-        return self.weight / size * per_component.sum()
+        return self.weight / _total(guide, held) * per_component.sum()
 
 
 class MonteCarloKL(_Weighted):
@@ -98,7 +107,9 @@ class MonteCarloKL(_Weighted):
         theta_site = guide_trace.nodes[THETA]
         log_q = theta_site["fn"].log_prob(theta_site["value"])
         log_p = model_trace.nodes[THETA]["fn"].log_prob(theta_site["value"])
-        return self.weight * (log_q - log_p).mean()
+        held = int(getattr(guide, "num_particles", 1))
+        draws = log_q.numel() * _total(guide, held) // held  # P over all processes
+        return self.weight * (log_q - log_p).sum() / draws
 
 
 class NoKL:
