@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, TensorDataset
 
 from pyro_ibdr import BayesianLoRA, evaluate, fit, predict_loader, predictive_probs
@@ -12,7 +14,7 @@ from pyro_ibdr.experiments import commonsense
 from pyro_ibdr.methods import METHODS, OptimSettings
 from pyro_ibdr.precision import autocast
 from tests._dummies.data import digits
-from tests._dummies.nets import lora_mlp
+from tests._dummies.nets import lora_mlp, plain_mlp, pvera_mlp
 from tests._dummies.particles import vit
 from tests.test_commonsense_cli import SMALL, arc_files, model_dir  # noqa: F401  (fixtures)
 from tests.test_vtab_cli import _invoke as invoke_vtab
@@ -20,6 +22,14 @@ from tests.test_vtab_cli import data_dir  # noqa: F401  (fixture)
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHORT_CHAIN = {"sgld": {"burn_in": 2, "thin": 1, "num_samples": 2}}  # samples kept within 4 steps
+NETWORKS = {"fft": plain_mlp, "pvera": pvera_mlp}  # the methods that need another network than LoRA's
+#: Methods that cannot train a network held in low precision, and why (a strict xfail: fixing one turns it red).
+HELD_UNSUPPORTED = {"laplace": "laplace-torch feeds float32 batches to a network held in low precision"}
+
+
+def network(method: str) -> nn.Module:
+    """The method's TinyMLP (backbone dropout 0.1 for mc_dropout), random weights."""
+    return NETWORKS.get(method, lora_mlp)(dropout=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +47,23 @@ def loaders(data, batch_size=32):
 def check_trains_and_evaluates(model, method, data, precision):
     train, test = loaders(data)
     result = fit(method, model, train, steps=4, progress=False, precision=precision, **SHORT_CHAIN.get(method, {}))
-    assert all(t.dtype == torch.float32 for t in result.posterior.tensors().values())
-    probs, _ = predict_loader(model, result.posterior, test, num_samples=2, precision=precision)
+    floats = [t for t in tree_leaves(result.posterior.tensors()) if torch.is_tensor(t) and t.is_floating_point()]
+    assert floats and all(t.dtype == torch.float32 for t in floats)
+    probs, _ = predict_loader(model, result.posterior, test, precision=precision)  # the posterior's own S
     assert probs.dtype == torch.float32
     torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]), rtol=0, atol=1e-5)
-    metrics = evaluate(model, result.posterior, test, num_samples=2, precision=precision)
+    metrics = evaluate(model, result.posterior, test, precision=precision)
     assert 0 <= metrics["accuracy"] <= 1 and math.isfinite(metrics["nll"]) and math.isfinite(metrics["ece"])
 
 
 @pytest.mark.parametrize("held", LOW)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", [
+    pytest.param(m, marks=pytest.mark.xfail(m in HELD_UNSUPPORTED, reason=HELD_UNSUPPORTED.get(m, ""),
+                                            raises=RuntimeError, strict=True))
+    for m in sorted(METHODS)
+])
 def test_a_network_held_in_low_precision_trains_with_every_method_and_evaluates(method, held, data):
-    net = lora_mlp(dropout=0.1).to(LOW[held])  # backbone dropout for mc_dropout
+    net = network(method).to(LOW[held])
     dtypes = {name: p.dtype for name, p in net.named_parameters()}
     model = BayesianLoRA(net, num_data=400)
     assert model.theta0.dtype == torch.float32  # master weights
@@ -59,7 +74,7 @@ def test_a_network_held_in_low_precision_trains_with_every_method_and_evaluates(
 @pytest.mark.parametrize("precision", LOW)
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_and_evaluates_under_autocast(method, precision, data):
-    check_trains_and_evaluates(BayesianLoRA(lora_mlp(dropout=0.1), num_data=400), method, data, precision)
+    check_trains_and_evaluates(BayesianLoRA(network(method), num_data=400), method, data, precision)
 
 
 @pytest.mark.parametrize("precision", LOW)
@@ -92,7 +107,7 @@ def test_fit_and_prediction_run_the_network_in_the_chosen_precision(precision, d
         result = fit("ibdr", model, train, steps=1, progress=False, precision=precision)
         assert dtypes == {LOW.get(precision, torch.float32)}
         dtypes.clear()
-        predict_loader(model, result.posterior, test, num_samples=2, precision=precision)
+        predict_loader(model, result.posterior, test, precision=precision)
         assert dtypes == {LOW.get(precision, torch.float32)}
 
 
