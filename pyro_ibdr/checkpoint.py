@@ -43,16 +43,16 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _check_plain(value: Any, where: str) -> None:
+def check_plain(value: Any, where: str) -> None:
     """Reject values that ``torch.load(weights_only=True)`` could not read back."""
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str | int):
                 raise ValueError(f"{where} has a key of type {type(key).__name__}; use str keys")
-            _check_plain(item, f"{where}[{key!r}]")
+            check_plain(item, f"{where}[{key!r}]")
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]")
+            check_plain(item, f"{where}[{i}]")
     elif not isinstance(value, _PLAIN):
         raise ValueError(
             f"{where} is a {type(value).__name__}; checkpoints store only tensors, str, int, float, bool, None "
@@ -102,7 +102,7 @@ def save_checkpoint(
         "versions": library_versions(),
         "param_spec": {"names": list(spec.names), "shapes": [list(s) for s in spec.shapes]},
     }
-    _check_plain(payload, "checkpoint")
+    check_plain(payload, "checkpoint")
     with atomic_write(path, "wb") as handle:
         torch.save(payload, handle)
     return Path(path)

@@ -7,14 +7,14 @@ other, and a :class:`~pyro_ibdr.methods.Method` instance passed to ``fit`` start
 from __future__ import annotations
 
 import math
+import os
 import resource
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from itertools import groupby
-from operator import itemgetter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyro
@@ -25,6 +25,14 @@ from .methods.base import Method, OptimSettings, create_method
 from .model import BayesianLoRA
 from .posterior import EmpiricalPosterior, GaussianPosterior, ParticlePosterior, Posterior
 from .predictive import to_device
+from .resume import (
+    fingerprint_difference,
+    load_training_state,
+    loader_generators,
+    rng_state,
+    save_training_state,
+    set_rng_state,
+)
 from .schedules import Schedule, ScheduleName, make_schedule
 
 #: Called after every epoch with (epoch index from 0, that epoch's log record).
@@ -49,6 +57,7 @@ class FitResult:
     :ivar num_particles_or_samples: K particles, S stored samples, or the method's training samples.
     :ivar state: the method's extra state (e.g. IBDR's λ and settings).
     :ivar config: the method's config as plain values (``method.config.to_dict()``).
+    :ivar resumed_at_step: the step at which this call continued a snapshot (0: it ran from the start).
     """
 
     posterior: Posterior
@@ -62,6 +71,7 @@ class FitResult:
     num_particles_or_samples: int | None = None
     state: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    resumed_at_step: int = 0
 
 
 def _check_length(epochs: int | None, steps: int | None) -> None:
@@ -82,25 +92,6 @@ def _total_steps(loader: Iterable, epochs: int | None, steps: int | None) -> int
     if per_epoch == 0:
         raise ValueError("the training loader is empty")
     return epochs * per_epoch
-
-
-def _numbered_batches(loader: Iterable, total_steps: int) -> Iterator[tuple[int, Any]]:
-    """(epoch, batch) pairs: passes over ``loader`` (re-iterated as needed) until ``total_steps`` batches."""
-    step, epoch = 0, 0
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield epoch, batch
-            step += 1
-            if step == total_steps:
-                return
-        if empty:
-            raise ValueError(
-                f"the training loader yielded no batches in pass {epoch + 1}; a generator can be iterated only "
-                "once, so pass a re-iterable loader (a DataLoader or a list of batches)"
-            )
-        epoch += 1
 
 
 def _build_method(
@@ -173,6 +164,73 @@ def _epoch_record(
     return record
 
 
+@dataclass
+class _Progress:
+    """Where a run stands: steps and epochs done, the history so far, the wall time of earlier segments."""
+
+    step: int = 0
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    earlier_wall_time_s: float = 0.0
+    posterior: Posterior | None = None
+
+
+def _fingerprint(runner: Method, model: BayesianLoRA, loader: Iterable, seed: int, total: int,
+                 schedule: Schedule | ScheduleName) -> dict[str, Any]:
+    """What a snapshot must share with the run that continues it."""
+    return {
+        "method": runner.name,
+        "config": runner.config.to_dict(),
+        "optim": asdict(runner.optim_settings),
+        "seed": seed,
+        "total_steps": total,
+        "batches_per_epoch": len(loader) if hasattr(loader, "__len__") else None,
+        "schedule": schedule if isinstance(schedule, str) else getattr(schedule, "__qualname__", repr(schedule)),
+        "param_names": list(model.spec.names),
+        "param_shapes": [list(shape) for shape in model.spec.shapes],
+        "num_data": model.num_data,
+    }
+
+
+def _resume(path: Path, runner: Method, fingerprint: dict[str, Any], generators: list[torch.Generator]) -> _Progress:
+    """The progress stored in the snapshot at ``path`` (restored into ``runner`` and the RNGs), or a fresh start."""
+    snapshot = load_training_state(path)
+    if snapshot is None:
+        return _Progress()
+    differences = fingerprint_difference(snapshot["fingerprint"], fingerprint)
+    if differences:
+        raise ValueError(
+            f"the training snapshot {path} was written by a run with other settings ({'; '.join(differences[:5])}); "
+            "delete it to start afresh, or pass another checkpoint path"
+        )
+    runner.load_state_dict(snapshot["method"])
+    set_rng_state(snapshot["rng"], generators)
+    posterior = snapshot["posterior"]
+    device = runner.model.theta0.device
+    posterior = {**posterior, "tensors": {name: value.to(device) for name, value in posterior["tensors"].items()}}
+    return _Progress(snapshot["step"], snapshot["epoch"], snapshot["history"], snapshot["wall_time_s"],
+                     Posterior.from_state_dict(posterior))
+
+
+def _save_snapshot(path: Path, runner: Method, fingerprint: dict[str, Any], generators: list[torch.Generator],
+                   progress: _Progress, wall_time_s: float) -> None:
+    save_training_state(path, {
+        "fingerprint": fingerprint,
+        "method": runner.state_dict(),
+        "rng": rng_state(generators),
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "history": progress.history,
+        "wall_time_s": wall_time_s,
+        "posterior": progress.posterior.state_dict(),
+    })
+
+
+def _check_checkpoint_every(every: int) -> None:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"checkpoint_every must be a positive number of epochs, got {every!r}")
+
+
 def fit(
     method: Method | str,
     model: BayesianLoRA,
@@ -186,6 +244,8 @@ def fit(
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     device: torch.device | str | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 1,
     **method_options: Any,
 ) -> FitResult:
     """Train ``method`` on ``model`` for exactly one of ``epochs`` (passes over the loader) or ``steps``.
@@ -196,13 +256,25 @@ def fit(
     moved to ``device`` (default: the device of the model's θ₀; the model must already live there).
     With ``steps``, the loader is re-iterated as often as needed and every pass is one epoch of the history.
 
+    Resuming: with ``checkpoint`` (a file path), a snapshot (:mod:`pyro_ibdr.resume`) is written atomically
+    at the end of every ``checkpoint_every``-th epoch and of the last one, after the epoch's record and
+    before the callbacks. When the file exists at the start, the run continues from it instead of from the
+    beginning and ends with the same numbers as a run that was never interrupted (same posterior, history
+    and method state; the wall time adds up the segments). The loader must be built as in the interrupted
+    run (its generators are restored, not rebuilt), and the file is kept when the run ends.
+
     :param train_loader: re-iterable batches (x, y); x a tensor or a dict of tensors.
     :param schedule: ``"constant"``, ``"warmup_cosine"`` or a callable step ↦ multiplier.
     :param callbacks: called after every epoch with ``(epoch, record)``.
     :param progress: show a progress bar (only when stderr is a terminal) with the loss and λ.
+    :param checkpoint: the snapshot file to resume from and write to (None: no snapshots).
+    :param checkpoint_every: epochs between snapshots (≥ 1).
     :raises FloatingPointError: naming the step at which the loss became NaN or infinite.
+    :raises ValueError: when the snapshot was written by a run with other settings (the message lists them),
+        or is damaged.
     """
     _check_length(epochs, steps)
+    _check_checkpoint_every(checkpoint_every)
     total = _total_steps(train_loader, epochs, steps)
     device = torch.device(device) if device is not None else model.theta0.device
     pyro.clear_param_store()
@@ -210,51 +282,75 @@ def fit(
     runner = _build_method(method, model, optim, seed, method_options)
     multiplier = _resolve_schedule(schedule, total)
     base_lr = runner.optim_settings.lr
+    generators = loader_generators(train_loader)
+    fingerprint = _fingerprint(runner, model, train_loader, seed, total, schedule)
+    path = Path(checkpoint) if checkpoint is not None else None
+    done = _resume(path, runner, fingerprint, generators) if path is not None else _Progress()
+    resumed_at = done.step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    history: list[dict[str, float]] = []
-    bar = tqdm(total=total, disable=not progress or not sys.stderr.isatty(), desc=runner.name, leave=False)
-    step, lr = 0, base_lr
+    bar = tqdm(total=total, initial=done.step, disable=not progress or not sys.stderr.isatty(), desc=runner.name,
+               leave=False)
+    lr = done.history[-1]["lr"] if done.history else base_lr
+    prepared = False
     start = time.perf_counter()
     try:
-        for epoch, batches in groupby(_numbered_batches(train_loader, total), key=itemgetter(0)):
+        while done.step < total:
             sums: dict[str, float] = defaultdict(float)
             count = 0
-            for _, (x, y) in batches:
-                lr = base_lr * multiplier(step)
+            for x, y in train_loader:
+                x, y = to_device(x, device), y.to(device)
+                if not prepared:
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                        runner.prepare(x, y)
+                    prepared = True
+                lr = base_lr * multiplier(done.step)
                 runner.set_lr(lr)
                 try:
-                    terms = runner.step(to_device(x, device), y.to(device))
+                    terms = runner.step(x, y)
                 except FloatingPointError as err:
-                    raise FloatingPointError(f"training failed at step {step}: {err}") from err
-                _check_loss(step, terms)
+                    raise FloatingPointError(f"training failed at step {done.step}: {err}") from err
+                _check_loss(done.step, terms)
                 for name, value in terms.items():
                     sums[name] += value
                 count += 1
-                step += 1
+                done.step += 1
                 bar.update()
                 bar.set_postfix({k: f"{terms[k]:.4g}" for k in ("loss", "lambda") if k in terms}, refresh=False)
-            record = _epoch_record(sums, count, runner.posterior(), epoch, step, lr)
-            history.append(record)
+                if done.step == total:
+                    break
+            if count == 0:
+                raise ValueError(
+                    f"the training loader yielded no batches in pass {done.epoch + 1}; a generator can be iterated "
+                    "only once, so pass a re-iterable loader (a DataLoader or a list of batches)"
+                )
+            done.posterior = runner.posterior()
+            record = _epoch_record(sums, count, done.posterior, done.epoch, done.step, lr)
+            done.history.append(record)
+            done.epoch += 1
+            if path is not None and (done.epoch % checkpoint_every == 0 or done.step == total):
+                _save_snapshot(path, runner, fingerprint, generators, done,
+                               done.earlier_wall_time_s + time.perf_counter() - start)
             for callback in callbacks:
-                callback(epoch, record)
+                callback(done.epoch - 1, record)
     finally:
         bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    wall = time.perf_counter() - start
-    posterior = runner.posterior()
+    wall = done.earlier_wall_time_s + time.perf_counter() - start
+    posterior = done.posterior if done.posterior is not None else runner.posterior()
     return FitResult(
         posterior=posterior,
         method=runner.name,
-        history=history,
-        steps=step,
+        history=done.history,
+        steps=done.step,
         wall_time_s=wall,
-        time_per_step_s=wall / step,
+        time_per_step_s=wall / done.step,
         passes_per_step=runner.passes_per_step,
         peak_memory_mb=_peak_memory_mb(device),
         num_particles_or_samples=num_particles_or_samples(runner, posterior),
         state=runner.state(),
         config=runner.config.to_dict(),
+        resumed_at_step=resumed_at,
     )
