@@ -201,6 +201,16 @@ def export_peft_adapter(model: BayesianLoRA, theta: torch.Tensor, folder: str | 
     return Path(folder)
 
 
+def export_adapters(model: BayesianLoRA, thetas: Mapping[str, torch.Tensor],
+                    folder: str | os.PathLike[str]) -> list[Path]:
+    """Export each θ (D,) of ``thetas`` as a peft adapter in ``folder/<name>``; ``folder`` is written as one
+    atomic folder (it replaces an existing one only when every adapter was written)."""
+    with atomic_folder(folder) as tmp:
+        for name, theta in thetas.items():
+            _save_adapter(model, theta, tmp / name)
+    return [Path(folder) / name for name in thetas]
+
+
 def export_particles(model: BayesianLoRA, posterior: ParticlePosterior, folder: str | os.PathLike[str]) -> list[Path]:
     """Export every particle μ_k of a :class:`ParticlePosterior` to ``folder/particle_k`` (one atomic folder).
 
@@ -208,8 +218,4 @@ def export_particles(model: BayesianLoRA, posterior: ParticlePosterior, folder: 
     """
     if not isinstance(posterior, ParticlePosterior):
         raise TypeError(f"export_particles needs a ParticlePosterior, got {type(posterior).__name__}")
-    names = [f"particle_{k}" for k in range(posterior.num_particles)]
-    with atomic_folder(folder) as tmp:
-        for name, theta in zip(names, posterior.particles, strict=True):
-            _save_adapter(model, theta, tmp / name)
-    return [Path(folder) / name for name in names]
+    return export_adapters(model, {f"particle_{k}": theta for k, theta in enumerate(posterior.particles)}, folder)

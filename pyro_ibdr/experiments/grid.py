@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,55 +13,17 @@ import click
 import pyro
 import torch
 
+from ..checkpoint import save_checkpoint
 from ..evaluation import fixed_draws
 from ..io import write_csv, write_json
 from ..methods import METHODS
-from ..metrics import ensemble_probs, evaluate_predictions
+from ..metrics import EnsembleMode, calibration_bins, ensemble_probs, evaluate_predictions
 from ..model import BayesianLoRA
 from ..posterior import ParticlePosterior, Posterior
 from ..predictive import predict_loader
 from ..train import fit
 from .plots import reliability_diagram
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One training run: a method on a task with a seed."""
-
-    task: str
-    method: str
-    seed: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.task}__{self.method}__seed{self.seed}"
-
-
-class ResultStore:
-    """One JSON record per finished unit under ``<folder>/runs/``, each written atomically.
-
-    A unit whose record exists is finished; an interrupted grid resumes at the first unit without one.
-    """
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.runs = self.folder / "runs"
-
-    def path(self, unit: Unit) -> Path:
-        return self.runs / f"{unit.key}.json"
-
-    def done(self, unit: Unit) -> bool:
-        return self.path(unit).is_file()
-
-    def load(self, unit: Unit) -> dict[str, Any]:
-        path = self.path(unit)
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"result file {path} is corrupted ({error}); delete it to rerun that unit") from error
-
-    def save(self, unit: Unit, record: dict[str, Any]) -> Path:
-        return write_json(self.path(unit), {"task": unit.task, "method": unit.method, "seed": unit.seed, **record})
+from .store import ResultStore, Unit, canonical_config, config_differences, config_hash
 
 
 def run_grid(
@@ -70,16 +31,33 @@ def run_grid(
     run_unit: Callable[[Unit], dict[str, Any]],
     store: ResultStore,
     *,
+    unit_config: Callable[[Unit], dict[str, Any]],
     echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run every unfinished unit in order, saving each record as soon as it finishes; return all records."""
+    """Run every unit without a reusable record, in order, saving each record as soon as it finishes.
+
+    ``unit_config(unit)`` is the unit's full configuration: every setting that can change its numbers
+    (plain JSON values). A stored record is reused only when it was made with the same configuration
+    (equal hashes); otherwise it is set aside under ``runs/old/`` with its files, the message names what
+    changed, and the unit is trained again. Returns the records of ``units``, in order.
+    """
     records = []
     for unit in units:
+        config = canonical_config(unit_config(unit))
         if store.done(unit):
-            echo(f"[{unit.key}] finished earlier: reusing its result")
-        else:
-            echo(f"[{unit.key}] running")
-            store.save(unit, run_unit(unit))
+            stored = store.load(unit)
+            if stored.get("config_hash") == config_hash(config):
+                echo(f"[{unit.key}] finished earlier with the same configuration: reusing its result")
+                records.append(stored)
+                continue
+            changes = config_differences(stored.get("config", {}), config)
+            aside = store.set_aside(unit, stored)
+            echo(f"[{unit.key}] the stored result has another configuration ({'; '.join(changes[:6])}"
+                 f"{'; ...' if len(changes) > 6 else ''}): moved to {aside}; training again")
+        echo(f"[{unit.key}] running")
+        store.clear_resume(unit, keep=store.resume_path(unit, config))
+        store.save(unit, run_unit(unit), config)
+        store.clear_resume(unit)
         records.append(store.load(unit))
     return records
 
@@ -156,6 +134,21 @@ def cli_options() -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in click.get_current_context().params.items()}
 
 
+#: Options that set the grid's extent or how it runs, never what one unit computes.
+NOT_UNIT_CONFIGURATION = ("tasks", "methods", "seeds", "output", "threads", "checkpoint_every")
+
+
+def unit_options() -> dict[str, Any]:
+    """The running command's options that can change a unit's numbers (:func:`cli_options` without
+    :data:`NOT_UNIT_CONFIGURATION`), for the unit configuration that decides whether a stored result is reused."""
+    return {k: v for k, v in cli_options().items() if k not in NOT_UNIT_CONFIGURATION}
+
+
+def snapshots(path: Path, every: int) -> dict[str, Any]:
+    """fit() options that snapshot the run to ``path`` every ``every`` epochs (none for 0)."""
+    return {"checkpoint": path, "checkpoint_every": every} if every else {}
+
+
 def write_summary(folder: str | Path, records: Sequence[dict[str, Any]], config: dict[str, Any],
                   metrics: Sequence[str]) -> list[dict[str, Any]]:
     """``results.json`` (configuration, every record, summary) and ``results.csv`` (summary rows)."""
@@ -181,6 +174,36 @@ def test_time_samples(posterior: Posterior, requested: int) -> int:
     return requested
 
 
+#: Equal-width confidence bins of every ECE and reliability diagram the experiments report.
+N_BINS = 15
+
+
+def score(model: BayesianLoRA, posterior: Posterior, loader: Iterable, *, num_samples: int, seed: int,
+          ensemble: EnsembleMode = "mean_probs", device: str | torch.device | None = None,
+          ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """The posterior predictive of ``model`` on ``loader`` with S = ``num_samples`` draws fixed by ``seed``.
+
+    Returns (metrics, ensemble probabilities (N, C), targets (N,)). The metrics are those of
+    :func:`pyro_ibdr.metrics.evaluate_predictions` (ECE as a fraction over :data:`N_BINS` bins) plus
+    ``ensemble``, ``num_samples``, ``n_bins`` and ``calibration``: the ensemble's per-bin ``count``,
+    ``accuracy`` and ``confidence`` (N_BINS + 1 entries, the last for confidence exactly 1, as in
+    :class:`pyro_ibdr.metrics.CalibrationBins`), from which reports redraw reliability diagrams.
+    """
+    draws = fixed_draws(posterior, num_samples, seed=seed)
+    probs, targets = predict_loader(model, draws, loader, num_samples, device=device)
+    mean = ensemble_probs(probs, ensemble)
+    bins = calibration_bins(mean, targets, N_BINS)
+    metrics = {
+        **evaluate_predictions(probs, targets, n_bins=N_BINS, mode=ensemble),
+        "ensemble": ensemble,
+        "num_samples": num_samples,
+        "n_bins": N_BINS,
+        "calibration": {"count": bins.count.tolist(), "accuracy": bins.accuracy.tolist(),
+                        "confidence": bins.confidence.tolist()},
+    }
+    return metrics, mean, targets
+
+
 def train_and_evaluate(
     unit: Unit,
     *,
@@ -190,28 +213,43 @@ def train_and_evaluate(
     num_data: int,
     fit_options: dict[str, Any],
     num_samples: int,
-    ensemble: str = "mean_probs",
+    ensemble: EnsembleMode = "mean_probs",
     output: Path | None = None,
     device: str | torch.device = "cpu",
+    rebuild: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit ``unit.method`` on a fresh LoRA model, then evaluate it once on the test loader.
 
     ``test_loader`` is called only after training, so test data is never read before training ends.
-    Returns a JSON-ready record: test metrics, the cost of training, the per-epoch history and method state.
+    Returns a JSON-ready record: test metrics (:func:`score`), the cost of training, the per-epoch history and
+    method state. With ``output``, the reliability diagram and the posterior are written there
+    (:class:`~pyro_ibdr.experiments.store.ResultStore` layout); the posterior's checkpoint records the method,
+    its config, the optimiser, the prediction mode (ensemble, S, bins), N and ``rebuild``: what
+    ``pyro-ibdr predict`` needs to build the network and read data again (plain values, written by the
+    experiment command).
     """
     pyro.set_rng_seed(unit.seed)  # the LoRA initialisation must not depend on the units that ran before
     model = BayesianLoRA(build_net().to(device), num_data=num_data)
     result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, **fit_options)
     samples = test_time_samples(result.posterior, num_samples)
     start = time.perf_counter()
-    draws = fixed_draws(result.posterior, samples, seed=unit.seed)
-    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device)
-    metrics = {**evaluate_predictions(probs, targets, mode=ensemble), "ensemble": ensemble, "num_samples": samples}
+    metrics, probs, targets = score(model, result.posterior, test_loader(), num_samples=samples, seed=unit.seed,
+                                    ensemble=ensemble, device=device)
     eval_seconds = time.perf_counter() - start
+    files = {}
     if output is not None:
-        reliability_diagram(ensemble_probs(probs, ensemble), targets,
-                            Path(output) / "reliability" / f"{unit.key}.png", title=f"{unit.method} on {unit.task}")
+        store = ResultStore(output)
+        reliability_diagram(probs, targets, store.reliability_path(unit), n_bins=N_BINS,
+                            title=f"{unit.method} on {unit.task}")
+        optim = fit_options.get("optim")
+        config = {"rebuild": rebuild or {}, "task": unit.task, "num_data": num_data, "method_config": result.config,
+                  "optim": asdict(optim) if optim is not None else None, "steps": result.steps,
+                  "prediction": {"ensemble": ensemble, "num_samples": samples, "n_bins": N_BINS}}
+        path = save_checkpoint(store.posterior_path(unit), result.posterior, spec=model.spec, method=result.method,
+                               config=config, seed=unit.seed, state=result.state)
+        files["posterior"] = path.relative_to(store.folder).as_posix()
     return {
+        **files,
         "metrics": metrics,
         "cost": {
             "steps": result.steps,
@@ -223,6 +261,7 @@ def train_and_evaluate(
             "peak_memory_mb": result.peak_memory_mb,
             "eval_time_s": eval_seconds,
             "trainable_parameters": model.dim,
+            "resumed_at_step": result.resumed_at_step,
         },
         "history": result.history,
         "state": _json_ready(result.state),
