@@ -20,10 +20,16 @@ from .predictive import predict_loader
 OOD_SCORES = ("max_prob", "entropy", "mutual_information")
 
 
-def fixed_draws(posterior: Posterior, num_samples: int, seed: int = 0) -> EmpiricalPosterior:
-    """S draws from ``posterior`` frozen as an equal-weight sample posterior (keeps ``dropout_at_test``)."""
+def fixed_draws(posterior: Posterior, num_samples: int, seed: int = 0) -> Posterior:
+    """S draws from ``posterior`` frozen as an equal-weight sample posterior (keeps ``dropout_at_test``).
+
+    A posterior with ``own_predictive`` is returned unchanged: its draws are fixed by the seed that
+    :func:`~pyro_ibdr.predict_loader` gives every batch.
+    """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if posterior.own_predictive:
+        return posterior
     generator = torch.Generator().manual_seed(seed)
     frozen = EmpiricalPosterior(posterior.sample(num_samples, generator=generator)[THETA])
     frozen.dropout_at_test = posterior.dropout_at_test
@@ -52,14 +58,14 @@ def evaluate(
     score in :data:`OOD_SCORES`, with OOD examples as the positive class.
     """
     draws = fixed_draws(posterior, num_samples, seed)
-    probs, targets = predict_loader(model, draws, loader, num_samples, device=device)
+    probs, targets = predict_loader(model, draws, loader, num_samples, device=device, seed=seed)
     results: dict[str, float | str] = {
         **evaluate_predictions(probs, targets, n_bins=n_bins, mode=ensemble),
         "ensemble": ensemble,
         "num_samples": num_samples,
     }
     if ood_loader is not None:
-        ood_probs, _ = predict_loader(model, draws, ood_loader, num_samples, device=device)
+        ood_probs, _ = predict_loader(model, draws, ood_loader, num_samples, device=device, seed=seed)
         in_scores, out_scores = uncertainty_scores(probs), uncertainty_scores(ood_probs)
         for score in OOD_SCORES:
             for name, value in ood_metrics(in_scores[score], out_scores[score]).items():

@@ -31,7 +31,8 @@ def batch_size(inputs: Inputs) -> int:
     return next(iter(sizes.values()))
 
 
-def _as_logits(output: Any) -> torch.Tensor:
+def as_logits(output: Any) -> torch.Tensor:
+    """The logits a network returned: the output itself, or its ``.logits`` (transformers' model outputs)."""
     logits = getattr(output, "logits", output)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"the network returned {type(output).__name__}; expected a tensor or an object with .logits")
@@ -44,7 +45,7 @@ def call_with_params(net: nn.Module, params: Mapping[str, torch.Tensor], inputs:
         out = functional_call(net, dict(params), args=(), kwargs=dict(inputs), strict=False)
     else:
         out = functional_call(net, dict(params), args=(inputs,), strict=False)
-    return _as_logits(out)
+    return as_logits(out)
 
 
 class BatchedForward:

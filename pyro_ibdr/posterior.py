@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from .model import THETA
+
+if TYPE_CHECKING:
+    from .functional import Inputs
+    from .model import BayesianLoRA
 
 
 class Posterior(ABC):
@@ -15,12 +19,15 @@ class Posterior(ABC):
 
     ``sample(S)`` gives ``{"theta": (S, D)}`` for :func:`~pyro_ibdr.predictive_probs`. ``dropout_at_test``
     marks posteriors whose predictive also samples dropout masks (MC dropout): the network is then run in
-    training mode while predicting.
+    training mode while predicting. ``own_predictive`` marks posteriors whose predictive is not the network at
+    θ samples (the linearised Laplace predictive): :func:`~pyro_ibdr.predictive_probs` and
+    :func:`~pyro_ibdr.predict_loader` then call :meth:`predict` instead.
     """
 
     kind: ClassVar[str]
     registry: ClassVar[dict[str, type[Posterior]]] = {}
     dropout_at_test: bool = False
+    own_predictive: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -33,6 +40,18 @@ class Posterior(ABC):
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors that define the posterior (for checkpoints)."""
+
+    def predict(
+        self, model: BayesianLoRA, x: Inputs, num_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Per-sample class probabilities (S, B, C), for a posterior with ``own_predictive``.
+
+        ``generator`` (on the model's device) fixes the draws; called with equally seeded generators, every batch
+        gets the same draws.
+
+        :raises NotImplementedError: for posteriors that predict through θ samples.
+        """
+        raise NotImplementedError(f"{type(self).__name__} predicts through θ samples (use pyro_ibdr.predictive_probs)")
 
     @property
     def dim(self) -> int:

@@ -67,10 +67,13 @@ def predictive_probs(model: BayesianLoRA, posterior: PosteriorLike, x: Inputs, n
     :param posterior: a guide (drawn ``num_samples`` times by ``pyro.infer.Predictive`` in one vectorised
         pass; a :class:`~pyro_ibdr.ParticleGuide` stratifies the draws over its components), a
         :class:`~pyro_ibdr.posterior.Posterior`, or explicit samples ``{"theta": (S, D)}`` (S overrides
-        ``num_samples``); samples are evaluated in one conditioned, vectorised pass of the model.
+        ``num_samples``); samples are evaluated in one conditioned, vectorised pass of the model. A posterior with
+        ``own_predictive`` (the linearised Laplace predictive) gives its own samples (``posterior.predict``).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if isinstance(posterior, Posterior) and posterior.own_predictive:
+        return posterior.predict(model, x, num_samples)
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     if isinstance(posterior, Posterior | Mapping):
         return _predict_samples(model, x, _as_samples(posterior, num_samples), dropout)
@@ -83,13 +86,25 @@ def predict_loader(
     loader: Iterable,
     num_samples: int = 8,
     device: torch.device | str | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probs (S, N, C), targets (N,)) over a loader of (x, y) batches, with the same θ samples for every batch."""
-    samples = _as_samples(posterior, num_samples)
+    """(probs (S, N, C), targets (N,)) over a loader of (x, y) batches, with the same θ samples for every batch.
+
+    A posterior with ``own_predictive`` predicts every batch with a generator seeded by ``seed``, so every batch
+    gets the same draws too.
+    """
+    own = isinstance(posterior, Posterior) and posterior.own_predictive
+    samples = None if own else _as_samples(posterior, num_samples)
     dropout = isinstance(posterior, Posterior) and posterior.dropout_at_test
     probs, targets = [], []
     for x, y in loader:
-        probs.append(_predict_samples(model, to_device(x, device), samples, dropout).cpu())
+        x = to_device(x, device)
+        if own:
+            generator = torch.Generator(device=model.theta0.device).manual_seed(seed)
+            batch_probs = posterior.predict(model, x, num_samples, generator)
+        else:
+            batch_probs = _predict_samples(model, x, samples, dropout)
+        probs.append(batch_probs.cpu())
         targets.append(y.cpu())
     if not probs:
         raise ValueError("the loader yielded no batches")

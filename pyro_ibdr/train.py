@@ -12,7 +12,7 @@ import resource
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,18 @@ def _build_method(
     if not isinstance(method, str):
         raise TypeError(f"method must be a Method or a registered name, got {type(method).__name__}")
     return create_method(method, model, optim=optim, seed=seed, **options)
+
+
+class _OnDevice:
+    """A re-iterable view of a loader whose batches (x, y) are moved to ``device``."""
+
+    def __init__(self, loader: Iterable[tuple[Any, torch.Tensor]], device: torch.device) -> None:
+        self.loader = loader
+        self.device = device
+
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
+        for x, y in self.loader:
+            yield to_device(x, self.device), y.to(self.device)
 
 
 def _resolve_schedule(schedule: Schedule | ScheduleName, total_steps: int) -> Schedule:
@@ -255,6 +267,8 @@ def fit(
     Every step sets the rate lr_t = ``optim.lr`` · schedule(t) and calls ``method.step(x, y)`` on a batch
     moved to ``device`` (default: the device of the model's θ₀; the model must already live there).
     With ``steps``, the loader is re-iterated as often as needed and every pass is one epoch of the history.
+    After the last step ``method.finalize`` gets the loader (batches moved to ``device``) for a post-hoc step such
+    as a Laplace fit; its time counts in ``wall_time_s``.
 
     Resuming: with ``checkpoint`` (a file path), a snapshot (:mod:`pyro_ibdr.resume`) is written atomically
     at the end of every ``checkpoint_every``-th epoch and of the last one, after the epoch's record and
@@ -285,6 +299,8 @@ def fit(
     generators = loader_generators(train_loader)
     fingerprint = _fingerprint(runner, model, train_loader, seed, total, schedule)
     path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None:
+        runner.check_resumable()
     done = _resume(path, runner, fingerprint, generators) if path is not None else _Progress()
     resumed_at = done.step
     if device.type == "cuda":
@@ -336,10 +352,18 @@ def fit(
                 callback(done.epoch - 1, record)
     finally:
         bar.close()
+    on_device = _OnDevice(train_loader, device)
+    if not prepared:  # resumed from a snapshot of the last step: finalize may need the lazily built guide
+        shuffles = [g.get_state() for g in generators]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            runner.prepare(*next(iter(on_device)))
+        for generator, state in zip(generators, shuffles, strict=True):  # finalize sees the loader's next order
+            generator.set_state(state)
+    runner.finalize(on_device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = done.earlier_wall_time_s + time.perf_counter() - start
-    posterior = done.posterior if done.posterior is not None else runner.posterior()
+    posterior = runner.posterior()
     return FitResult(
         posterior=posterior,
         method=runner.name,

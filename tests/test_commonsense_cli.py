@@ -159,3 +159,20 @@ def test_a_saved_posterior_scores_new_questions(model_dir: Path, arc_files: tupl
     assert scores["data"]["examples"] == 10 and scores["metrics"]["num_samples"] == 2
     message = error_message(CliRunner().invoke(cli.main, ["predict", str(posterior), "--split", "test"]))
     assert "--split do(es) not apply to a commonsense posterior" in message
+
+
+@pytest.mark.parametrize(("method", "samples"), [("mle", 1), ("fft", 1), ("laplace", 2), ("ivon", 2), ("pvera", 2)])
+def test_each_new_baseline_runs_from_the_cli(model_dir: Path, arc_files: tuple[Path, Path], tmp_path: Path,
+                                              method: str, samples: int) -> None:
+    output = tmp_path / "out"
+    result = _invoke(model_dir, *arc_files, output, "--tasks", "arc_easy", "--methods", method)
+    assert result.exit_code == 0, result.output
+    record = json.loads((output / "runs" / f"arc_easy__{method}__seed0.json").read_text())
+    metrics, cost = record["metrics"], record["cost"]
+    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["ece"] <= 1 and metrics["nll"] > 0
+    assert (cost["steps"], cost["passes_per_step"], cost["test_samples"]) == (3, 1, samples)
+    full = sum(p.numel() for p in tiny_lm(len(make_tokenizer())).parameters())
+    pvera = 2 * ((32 + 2 * 8) + (16 + 2 * 8))  # λ_b (out) and λ_d (2r) on q (32 -> 32) and v (32 -> 16), 2 layers
+    assert cost["trainable_parameters"] == {"fft": full, "pvera": pvera}.get(method, LORA_SIZE)
+    if method == "laplace":
+        assert record["state"]["prior_precision"] != [1.0] and record["state"]["log_marglik"] is not None

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from pyro_ibdr import BayesianLoRA
-from pyro_ibdr.methods import METHODS, OptimSettings
+from pyro_ibdr.methods import IVON, METHODS, OptimSettings
+from pyro_ibdr.methods.base import Method
 from pyro_ibdr.resume import (
     load_param_store_state,
     load_training_state,
@@ -28,11 +29,13 @@ from pyro_ibdr.resume import (
 )
 from pyro_ibdr.train import FitResult, fit
 from tests._dummies.data import digits
-from tests._dummies.nets import lora_mlp
+from tests._dummies.nets import lora_mlp, plain_mlp, pvera_mlp
 
 EPOCHS = 4
 #: Small settings that make every method's state move within 16 steps (SGLD keeps samples from step 4 on).
-OPTIONS = {"ibdr": {"num_particles": 2, "sigma": 0.01, "learn_sigma": True}, "sgld": {"burn_in": 3, "thin": 2}}
+OPTIONS = {"ibdr": {"num_particles": 2, "sigma": 0.01, "learn_sigma": True}, "sgld": {"burn_in": 3, "thin": 2},
+           "laplace": {"stochastic": True, "marglik_steps": 5}}  # finalize draws random numbers after the snapshot
+NETWORKS = {"lora": lora_mlp, "full": plain_mlp, "pvera": pvera_mlp}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -53,7 +56,7 @@ def loader(seed: int = 5) -> DataLoader:
 def run(name: str, checkpoint: Path | None = None, stop_after: int | None = None, **overrides) -> FitResult:
     """A fresh model and loader, as a rerun of a script builds them; ``stop_after`` epochs then an interruption."""
     dropout = 0.3 if name == "mc_dropout" else 0.0
-    model = BayesianLoRA(lora_mlp(seed=0, dropout=dropout).eval(), num_data=64)
+    model = BayesianLoRA(NETWORKS[METHODS[name].adapter](seed=0, dropout=dropout).eval(), num_data=64)
 
     def interrupt(epoch: int, record: dict) -> None:
         if stop_after is not None and epoch + 1 == stop_after:
@@ -64,9 +67,25 @@ def run(name: str, checkpoint: Path | None = None, stop_after: int | None = None
                **settings)
 
 
+def assert_same_values(got: object, expected: object, where: str) -> None:
+    """Equal tensors (bit for bit), dicts, lists and plain values, recursively."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and torch.equal(got, expected), where
+    elif isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), where
+        for key, value in expected.items():
+            assert_same_values(got[key], value, f"{where}.{key}")
+    elif isinstance(expected, list | tuple):
+        assert len(got) == len(expected), where
+        for k, (a, b) in enumerate(zip(got, expected, strict=True)):
+            assert_same_values(a, b, f"{where}[{k}]")
+    else:
+        assert got == expected, where
+
+
 def assert_same_run(resumed: FitResult, reference: FitResult) -> None:
-    for key, value in reference.posterior.tensors().items():
-        assert torch.equal(resumed.posterior.tensors()[key], value), key
+    assert type(resumed.posterior) is type(reference.posterior)
+    assert_same_values(resumed.posterior.tensors(), reference.posterior.tensors(), "posterior")
     assert resumed.history == reference.history
     assert resumed.steps == reference.steps and resumed.config == reference.config
     assert str(resumed.state) == str(reference.state)
@@ -141,6 +160,17 @@ def test_a_snapshot_of_other_settings_or_a_damaged_one_is_refused(tmp_path: Path
         run("ibdr", path)
     with pytest.raises(ValueError, match="checkpoint_every must be a positive number of epochs"):
         fit("map", BayesianLoRA(lora_mlp(), num_data=64), loader(), epochs=1, checkpoint=path, checkpoint_every=0)
+
+
+def test_a_method_with_state_the_default_does_not_save_is_refused(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """IVON keeps θ and its optimiser outside Pyro's param store: without its own state_dict it cannot resume."""
+    monkeypatch.setattr(IVON, "state_dict", Method.state_dict)
+    with pytest.raises(NotImplementedError, match=r"IVON \('ivon'\) keeps training state in optimizer, theta.*"
+                                                  r"overrides state_dict/load_state_dict"):
+        run("ivon", tmp_path / "state.pt")
+    assert not (tmp_path / "state.pt").exists()
+    assert run("ivon").steps == 16  # without snapshots it trains
 
 
 def test_rng_and_param_store_states_round_trip() -> None:

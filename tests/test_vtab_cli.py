@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
+from pyro_ibdr.experiments import cli, vtab
 from pyro_ibdr.experiments import grid as experiment
-from pyro_ibdr.experiments import vtab
 from pyro_ibdr.experiments.data import vtab as vtab_data
 from tests._dummies.cli import assert_help_documents_every_option, error_message
 
@@ -176,3 +176,36 @@ def test_missing_folders_and_file_lists_are_named(data_dir: Path, tmp_path: Path
 def test_help_documents_every_option() -> None:
     assert len([p for p in vtab.main.params if isinstance(p, click.Option)]) >= 25
     assert_help_documents_every_option(vtab.main)
+
+
+@pytest.mark.parametrize(("method", "samples", "parameters"), [
+    ("mle", 1, None), ("fft", 1, 300_746), ("laplace", 2, None), ("ivon", 2, None),
+    ("pvera", 2, 6 * 2 * (64 + 2 * 8) + 650),  # λ_b (64) and λ_d (2r) on q and v of 6 blocks, plus the head
+])
+def test_each_new_baseline_runs_from_the_cli(data_dir: Path, tmp_path: Path, method: str, samples: int,
+                                              parameters: int | None) -> None:
+    output = tmp_path / "out"
+    result = _invoke(data_dir, output, method)
+    assert result.exit_code == 0, result.output
+    record = json.loads((output / "runs" / f"eurosat__{method}__seed0.json").read_text())
+    assert 0 <= record["metrics"]["accuracy"] <= 1 and 0 <= record["metrics"]["ece"] <= 1
+    cost = record["cost"]
+    assert (cost["passes_per_step"], cost["steps"], cost["test_samples"]) == (1, 3, samples)
+    lora = 6 * 2 * 8 * (64 + 64) + 650  # rank 8 on q and v (64 -> 64) of timm's 6-block test ViT, plus the head
+    assert cost["trainable_parameters"] == (parameters or lora)  # fft: every weight of the ViT, no LoRA
+    if method == "laplace":
+        assert record["state"]["hessian_structure"] == "kron" and record["state"]["prior_precision"] != [1.0]
+
+    # The saved posterior scores the test split again to the same numbers, and exports as peft adapters.
+    result = CliRunner().invoke(cli.main, ["predict", str(output / record["posterior"])])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["metrics"]
+    assert {m: metrics[m] for m in ("accuracy", "ece", "nll", "brier")} == {
+        m: record["metrics"][m] for m in ("accuracy", "ece", "nll", "brier")}
+    result = CliRunner().invoke(cli.main, ["export", str(output / record["posterior"]), str(tmp_path / "adapters")])
+    if method == "fft":
+        assert "cannot export" in error_message(result) and "is not a peft model" in error_message(result)
+    else:
+        assert result.exit_code == 0, result.output
+        names = {"laplace": ["mean"], "ivon": ["mean"]}.get(method, ["particle_0"])
+        assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == names

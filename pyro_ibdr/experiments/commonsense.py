@@ -51,6 +51,7 @@ from pyro_ibdr.experiments.report import write_report
 from pyro_ibdr.experiments.store import canonical_config
 from pyro_ibdr.experiments.text import AnswerTokenClassifier, EncoderChoiceClassifier
 from pyro_ibdr.methods import METHODS, OptimSettings
+from pyro_ibdr.methods.base import Adapter
 
 OFFLINE_LM, OFFLINE_ENCODER = "smollm2", "minilm"
 
@@ -77,17 +78,24 @@ def load_backbone(name: str, *, load_in_8bit: bool) -> tuple[object, torch.nn.Mo
     return AutoTokenizer.from_pretrained(name), AutoModelForCausalLM.from_pretrained(name, **options), False
 
 
-def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choices: int, rank: int,
-              lora_alpha: float, lm_head: bool, lora_dropout: float = 0.0) -> torch.nn.Module:
-    """Answer-letter classifier (causal LM) or multiple-choice head (encoder), with LoRA on q and v."""
+def build_net(backbone: torch.nn.Module, tokenizer, *, adapter: Adapter = "lora", is_encoder: bool, n_choices: int,
+              rank: int, lora_alpha: float, lm_head: bool, lora_dropout: float = 0.0) -> torch.nn.Module:
+    """Answer-letter classifier (causal LM) or multiple-choice head (encoder) with the method's adapter: LoRA (or
+    PVeRA, rank ``rank``) on q and v, or every weight trainable (``"full"``)."""
     if is_encoder:
-        config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                 target_modules=["query", "value"], modules_to_save=["classifier"])
-        return peft.get_peft_model(EncoderChoiceClassifier(backbone), config)
-    ids = answer_token_ids(tokenizer, LETTERS[:n_choices])
-    targets = ["q_proj", "v_proj", *(["lm_head"] if lm_head else [])]
-    config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
-    return peft.get_peft_model(AnswerTokenClassifier(backbone, ids), config)
+        net: torch.nn.Module = EncoderChoiceClassifier(backbone)
+        targets, to_save = ["query", "value"], ["classifier"]
+    else:
+        net = AnswerTokenClassifier(backbone, answer_token_ids(tokenizer, LETTERS[:n_choices]))
+        targets, to_save = ["q_proj", "v_proj", *(["lm_head"] if lm_head else [])], None
+    if adapter == "full":
+        return net.requires_grad_(True)
+    if adapter == "pvera":
+        config = peft.PveraConfig(r=rank, pvera_dropout=lora_dropout, target_modules=targets, modules_to_save=to_save)
+    else:
+        config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                                 modules_to_save=to_save)
+    return peft.get_peft_model(net, config)
 
 
 @click.command(context_settings={"show_default": True})
@@ -110,7 +118,7 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choic
 @click.option("--batch-size", type=int, default=4, help="Questions per training and test batch.")
 @click.option("--max-length", type=int, default=160, help="Prompt tokens kept, from the end (BLoB: 300).")
 @click.option("--lr", type=float, default=5e-4, help="AdamW learning rate (BLoB: 1e-4).")
-@click.option("--rank", type=int, default=8, help="LoRA rank.")
+@click.option("--rank", type=int, default=8, help="LoRA rank (also PVeRA's r).")
 @click.option("--lora-alpha", type=float, default=16.0, help="LoRA alpha.")
 @click.option("--lm-head", is_flag=True, help="Also put LoRA on the LM head.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
@@ -151,13 +159,14 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
     collate = (EncoderChoiceCollator(tokenizer, max_length) if is_encoder
                else MultipleChoiceCollator(tokenizer, max_length))
 
-    def net_options(task: str) -> dict:
-        return {"is_encoder": is_encoder, "n_choices": splits[task].n_choices, "rank": rank,
-                "lora_alpha": lora_alpha, "lm_head": lm_head, "lora_dropout": lora_dropout}
+    def net_options(unit: Unit) -> dict:
+        return {"adapter": METHODS[unit.method].adapter, "is_encoder": is_encoder,
+                "n_choices": splits[unit.task].n_choices, "rank": rank, "lora_alpha": lora_alpha, "lm_head": lm_head,
+                "lora_dropout": lora_dropout}
 
-    def fresh_net(task: str) -> torch.nn.Module:
-        """A copy of the loaded backbone with a new LoRA (peft injects adapters in place)."""
-        return build_net(copy.deepcopy(backbone), tokenizer, **net_options(task))
+    def fresh_net(unit: Unit) -> torch.nn.Module:
+        """A copy of the loaded backbone with a new adapter (peft injects adapters in place)."""
+        return build_net(copy.deepcopy(backbone), tokenizer, **net_options(unit))
 
     store = ResultStore(output)
 
@@ -179,11 +188,11 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
                        **method_options(unit.method, particles, {"ibdr": ibdr}),
                        **snapshots(store.resume_path(unit, unit_config(unit)), checkpoint_every)}
         rebuild = {"experiment": "commonsense", "backbone": {"name": model_name, "load_in_8bit": load_in_8bit},
-                   "net": net_options(unit.task),
+                   "net": net_options(unit),
                    "data": {"task": unit.task, "source": source, "test_file": test_file, "max_length": max_length,
                             "batch_size": batch_size, "max_test": max_test}}
         record = train_and_evaluate(
-            unit, build_net=partial(fresh_net, unit.task), train_loader=loader,
+            unit, build_net=partial(fresh_net, unit), train_loader=loader,
             test_loader=lambda: DataLoader(test, batch_size=batch_size, collate_fn=collate), num_data=len(train),
             fit_options=fit_options, num_samples=num_samples, output=output, device=device,
             rebuild=canonical_config(rebuild),

@@ -190,7 +190,7 @@ def score(model: BayesianLoRA, posterior: Posterior, loader: Iterable, *, num_sa
     :class:`pyro_ibdr.metrics.CalibrationBins`), from which reports redraw reliability diagrams.
     """
     draws = fixed_draws(posterior, num_samples, seed=seed)
-    probs, targets = predict_loader(model, draws, loader, num_samples, device=device)
+    probs, targets = predict_loader(model, draws, loader, num_samples, device=device, seed=seed)
     mean = ensemble_probs(probs, ensemble)
     bins = calibration_bins(mean, targets, N_BINS)
     metrics = {

@@ -206,14 +206,20 @@ def predict(posterior, data_dir, task, split, test_file, source, num_samples, en
 
 
 def named_thetas(posterior: Posterior) -> dict[str, torch.Tensor]:
-    """The θ vectors to export, by adapter name: particles' means, a Gaussian's mean, or the stored samples."""
+    """The θ vectors to export, by adapter name: particles' means, a Gaussian's or a Laplace approximation's mean
+    (θ_MAP), or the stored samples.
+
+    :raises TypeError: for a posterior kind without an export rule.
+    """
     if isinstance(posterior, ParticlePosterior):
         return {f"particle_{k}": theta for k, theta in enumerate(posterior.particles)}
     if isinstance(posterior, GaussianPosterior):
         return {"mean": posterior.loc}
     if isinstance(posterior, EmpiricalPosterior):
         return {f"sample_{k}": theta for k, theta in enumerate(posterior.samples)}
-    raise TypeError(f"no export rule for a {type(posterior).__name__}")
+    if posterior.kind == "laplace":
+        return {"mean": posterior.tensors()["mean"]}
+    raise TypeError(f"no export rule for a {type(posterior).__name__} posterior")
 
 
 @click.command(context_settings={"show_default": True})
@@ -222,10 +228,13 @@ def named_thetas(posterior: Posterior) -> dict[str, torch.Tensor]:
 def export(posterior, folder) -> None:
     """Write a saved POSTERIOR as standard peft adapters in FOLDER, one sub-folder per θ.
 
-    Particles become particle_0, particle_1, ... (each component mean μ_k), a Gaussian posterior its mean,
-    SGLD's kept samples sample_0, ...; each loads with ``peft.PeftModel.from_pretrained(base_model, path)``.
-    FOLDER is replaced as a whole, atomically.
+    Particles become particle_0, particle_1, ... (each component mean μ_k), a Gaussian or Laplace posterior its
+    mean, SGLD's kept samples sample_0, ...; each loads with ``peft.PeftModel.from_pretrained(base_model, path)``.
+    Full fine-tuning (fft) has no adapter to export. FOLDER is replaced as a whole, atomically.
     """
     unit = load_unit(posterior, "cpu")
-    paths = export_adapters(unit.model, named_thetas(unit.checkpoint.posterior), folder)
+    try:
+        paths = export_adapters(unit.model, named_thetas(unit.checkpoint.posterior), folder)
+    except TypeError as error:  # a posterior without θ vectors to export, or a network that is not a peft model
+        raise click.UsageError(f"cannot export {posterior} ({unit.checkpoint.method}): {error}") from error
     click.echo(f"{len(paths)} peft adapter(s) of {unit.checkpoint.method}: " + ", ".join(map(str, paths)))

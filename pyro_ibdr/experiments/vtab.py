@@ -47,25 +47,40 @@ from pyro_ibdr.experiments.grid import (
 )
 from pyro_ibdr.experiments.report import write_report
 from pyro_ibdr.experiments.store import canonical_config
-from pyro_ibdr.experiments.vision import DEFAULT_VIT, create_offline_vit, create_vit, split_qkv, vit_lora_config
+from pyro_ibdr.experiments.vision import (
+    DEFAULT_VIT,
+    create_offline_vit,
+    create_vit,
+    split_qkv,
+    vit_lora_config,
+    vit_pvera_config,
+)
 from pyro_ibdr.experiments.vtab_settings import OFFICIAL_SCHEDULE, official_vtab_settings
 from pyro_ibdr.methods import METHODS, OptimSettings
+from pyro_ibdr.methods.base import Adapter
 
 VTAB_TASKS = [name for name in TASKS if name != "cifar10"]
 TEST_BATCH_SIZE = 128
 OFFLINE_TASK = "cifar10"
 
 
-def build_net(task: str, *, offline: bool, model_name: str, checkpoint: Path | None, pretrained: bool,
-              img_size: int, rank: int, lora_alpha: float, targets: str, lora_dropout: float) -> torch.nn.Module:
-    """The backbone with a new head, q/v split, LoRA injected."""
+def build_net(task: str, *, adapter: Adapter = "lora", offline: bool, model_name: str, checkpoint: Path | None,
+              pretrained: bool, img_size: int, rank: int, lora_alpha: float, targets: str,
+              lora_dropout: float) -> torch.nn.Module:
+    """The backbone with a new head and the method's adapter: LoRA (or PVeRA, rank ``rank``) on the split q/v
+    projections, or every weight trainable (``"full"``)."""
     num_classes = get_task(task).num_classes
     if offline:
         vit = create_offline_vit(num_classes, img_size)
     else:
         vit = create_vit(model_name, num_classes=num_classes, pretrained=pretrained, checkpoint_path=checkpoint,
                          img_size=img_size)
-    config = vit_lora_config(rank, lora_alpha, targets=targets, dropout=lora_dropout)
+    if adapter == "full":
+        return vit.requires_grad_(True)
+    if adapter == "pvera":
+        config = vit_pvera_config(rank, targets=targets, dropout=lora_dropout)
+    else:
+        config = vit_lora_config(rank, lora_alpha, targets=targets, dropout=lora_dropout)
     return peft.get_peft_model(split_qkv(vit), config)
 
 
@@ -102,7 +117,7 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--img-size", type=int, default=None, help="Input side in px (default 56 offline, 224 otherwise).")
 @click.option("--batch-size", type=int, default=None, help="Minibatch size (default 32; 64 official).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default 2e-3 Adam; per task official).")
-@click.option("--rank", type=int, default=None, help="LoRA rank (default 8; per task official).")
+@click.option("--rank", type=int, default=None, help="LoRA rank, also PVeRA's r (default 8; per task official).")
 @click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (default = rank; per task official).")
 @click.option("--lora-targets", type=click.Choice(["qv", "qkv"]), default="qv", help="LoRA on q,v or q,k,v.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
@@ -207,9 +222,10 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
             **method_options(unit.method, s["particles"], {"ibdr": ibdr_options}),
             **snapshots(store.resume_path(unit, unit_config(unit)), checkpoint_every),
         }
-        net_options = {"task": unit.task, "offline": offline, "model_name": model_name, "checkpoint": checkpoint,
-                       "pretrained": pretrained, "img_size": img_size, "rank": s["rank"],
-                       "lora_alpha": s["lora_alpha"], "targets": lora_targets, "lora_dropout": lora_dropout}
+        net_options = {"task": unit.task, "adapter": METHODS[unit.method].adapter, "offline": offline,
+                       "model_name": model_name, "checkpoint": checkpoint, "pretrained": pretrained,
+                       "img_size": img_size, "rank": s["rank"], "lora_alpha": s["lora_alpha"],
+                       "targets": lora_targets, "lora_dropout": lora_dropout}
         ensemble = "mean_logits" if official and unit.method == "ibdr" else "mean_probs"
         rebuild = {"experiment": "vtab", "preset": preset, "net": net_options,
                    "data": {"data_dir": data_dir, "task": unit.task, "split": eval_split, "img_size": img_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Literal
 
@@ -15,6 +16,9 @@ from ..posterior import Posterior
 from ..resume import load_param_store_state, param_store_state
 
 METHODS: dict[str, type[Method]] = {}
+
+#: What a method trains: LoRA factors (peft ``LoraConfig``), every weight of a plain network, or peft's PVeRA vectors.
+Adapter = Literal["lora", "full", "pvera"]
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,12 @@ class Method(ABC):
     :meth:`step` (one minibatch update, returning the terms to log) and :meth:`posterior`, and report
     :attr:`passes_per_step`: the number of forward+backward passes over B examples one step costs
     (K particles × ascent passes), the unit in which comparisons state their compute. A method that keeps
-    a Pyro optimiser in ``self.optim`` gets its scheduled learning rate through :meth:`set_lr`.
+    a Pyro optimiser in ``self.optim`` gets its scheduled learning rate through :meth:`set_lr`. A post-hoc step
+    on the trained model (e.g. fitting a Laplace approximation) goes in :meth:`finalize`, which
+    :func:`~pyro_ibdr.fit` calls once after the last step.
+
+    :cvar adapter: the network the method expects, read by the experiment CLIs when they build it: ``"lora"``
+        (peft LoRA, the default), ``"full"`` (a plain network, every weight in θ) or ``"pvera"`` (peft PVeRA).
 
     Resuming (``fit(..., checkpoint=...)``) works for a new method without extra code when its training
     state is Pyro's param store and ``self.optim``. Otherwise it extends :meth:`state_dict` and
@@ -105,6 +114,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    adapter: ClassVar[Adapter] = "lora"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -160,6 +170,12 @@ class Method(ABC):
         if self.optim is not None:
             set_learning_rate(self.optim, lr)
 
+    def finalize(self, train_loader: Iterable[tuple[Inputs, torch.Tensor]]) -> None:  # noqa: B027 (a no-op hook)
+        """A post-hoc step after training, given re-iterable training batches (x, y) on the model's device.
+
+        The default does nothing.
+        """
+
     def state(self) -> dict[str, Any]:
         """Extra state to report and checkpoint with the posterior (e.g. IBDR's λ and settings)."""
         return {}
@@ -181,12 +197,34 @@ class Method(ABC):
                 self.num_steps = state["num_steps"]
 
         Values must be tensors or plain Python values (the snapshot is read with ``weights_only=True``).
+
+        :raises NotImplementedError: when the method keeps a ``torch.nn.Parameter`` or a ``torch.optim.Optimizer``
+            in an attribute but does not override this method (that state would be lost on resuming).
         """
+        self.check_resumable()
         return {
             "param_store": param_store_state(),
             "optim": self.optim.get_state() if self.optim is not None else {},
             "lr": self.lr,
         }
+
+    def check_resumable(self) -> None:
+        """Refuse snapshots that would silently lose training state: a method keeping a ``torch.nn.Parameter`` or
+        a ``torch.optim.Optimizer`` outside Pyro's param store must override :meth:`state_dict` and
+        :meth:`load_state_dict`.
+
+        :raises NotImplementedError: naming the attributes the default does not save.
+        """
+        if type(self).state_dict is not Method.state_dict:
+            return
+        unsaved = sorted(name for name, value in vars(self).items()
+                         if isinstance(value, torch.nn.Parameter | torch.optim.Optimizer))
+        if unsaved:
+            raise NotImplementedError(
+                f"{type(self).__name__} ({self.name!r}) keeps training state in {', '.join(unsaved)}, which the "
+                "default Method.state_dict does not save; it cannot be resumed from a snapshot until it overrides "
+                "state_dict/load_state_dict (run it without checkpoint=/--checkpoint-every 0)"
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` into a freshly built method (same model, config and optimiser settings)."""
