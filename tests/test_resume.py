@@ -88,7 +88,8 @@ def assert_same_run(resumed: FitResult, reference: FitResult) -> None:
     assert_same_values(resumed.posterior.tensors(), reference.posterior.tensors(), "posterior")
     assert resumed.history == reference.history
     assert resumed.steps == reference.steps and resumed.config == reference.config
-    assert str(resumed.state) == str(reference.state)
+    untimed = [{k: v for k, v in r.state.items() if not k.endswith("_s")} for r in (resumed, reference)]
+    assert str(untimed[0]) == str(untimed[1])  # Laplace's state times its fit (laplace_fit_s)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
