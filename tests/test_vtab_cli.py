@@ -200,8 +200,9 @@ def test_each_new_baseline_runs_from_the_cli(data_dir: Path, tmp_path: Path, met
     result = CliRunner().invoke(cli.main, ["predict", str(output / record["posterior"])])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["metrics"]
-    assert {m: metrics[m] for m in ("accuracy", "ece", "nll", "brier")} == {
-        m: record["metrics"][m] for m in ("accuracy", "ece", "nll", "brier")}
+    expected = {m: record["metrics"][m] for m in ("accuracy", "ece", "nll", "brier")}
+    # PVeRA's rebuilt network agrees to float32 rounding only (relative differences ~1e-5); the others bit for bit.
+    assert {m: metrics[m] for m in expected} == (pytest.approx(expected, rel=1e-4) if method == "pvera" else expected)
     result = CliRunner().invoke(cli.main, ["export", str(output / record["posterior"]), str(tmp_path / "adapters")])
     if method == "fft":
         assert "cannot export" in error_message(result) and "is not a peft model" in error_message(result)

@@ -45,8 +45,8 @@ def draw_reliability(ax: Axes, ax_count: Axes, count: np.ndarray, accuracy: np.n
            edgecolor="black", linewidth=0.6, label="accuracy")
     gap = confidence[:m] - accuracy[:m]
     ax.bar(left[filled], gap[filled], bottom=accuracy[:m][filled], width=width[filled], align="edge",
-           color="tab:red", alpha=0.3, hatch="//", edgecolor="tab:red", linewidth=0.0,
-           label="gap to mean confidence")
+           facecolor="none", hatch="///", edgecolor="tab:red", linewidth=0.8,
+           label="gap to mean confidence")  # hatched, unfilled: readable over the bar when accuracy > confidence
     ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="gray", label="perfect calibration")
     if count[m] > 0:
         ax.plot([1.0], [accuracy[m]], marker="D", color="tab:orange", linestyle="none",

@@ -174,6 +174,8 @@ def _scatter(runs: Sequence[dict[str, Any]], tasks: Sequence[str], methods: Sequ
             (x, dx), (y, dy) = _stats(ece), _stats(acc)
             ax.errorbar([x], [y], xerr=[dx or 0.0], yerr=[dy or 0.0], fmt="o", ms=8, capsize=3, color=colour[method],
                         markeredgecolor="black", label=f"{method} (n = {len(group)})")
+        low, high = ax.get_ylim()
+        ax.set_ylim(max(low, 0.0), min(high, 100.5))  # accuracy is a percentage: no axis beyond 0 or 100
         ax.set_title(task)
         ax.set_xlabel("ECE (fraction, 15 bins) — lower is better")
         ax.set_ylabel("accuracy (%) — higher is better")
