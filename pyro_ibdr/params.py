@@ -18,6 +18,10 @@ def is_lora_factor(name: str) -> bool:
     return ".lora_" in name or name.startswith("lora_")
 
 
+def _is_saved_module(name: str) -> bool:
+    return ".modules_to_save." in name
+
+
 def lora_only(name: str, param: nn.Parameter) -> bool:
     """Select only the LoRA factors (not the ``modules_to_save`` heads)."""
     return param.requires_grad and is_lora_factor(name)
@@ -72,6 +76,11 @@ class ParamSpec:
         lead = theta.shape[:-1]
         chunks = torch.split(theta, self.numels, dim=-1)
         return {n: c.reshape(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
+
+    def head_mask(self) -> torch.Tensor:
+        """Boolean (D,): True for the entries of peft ``modules_to_save`` copies (the trained task heads)."""
+        parts = [torch.full((k,), _is_saved_module(name)) for name, k in zip(self.names, self.numels, strict=True)]
+        return torch.cat(parts)
 
     def lora_a_bounds(self) -> torch.Tensor:
         """Per-entry bound b = 1/sqrt(fan_in) of peft's default uniform init of ``A`` (0 elsewhere).

@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 from .methods.base import Method, OptimSettings, create_method
 from .model import BayesianLoRA
 from .posterior import EmpiricalPosterior, GaussianPosterior, ParticlePosterior, Posterior
+from .precision import Precision, autocast
 from .predictive import to_device
+from .presets import Preset, get_preset
 from .resume import (
     fingerprint_difference,
     load_training_state,
@@ -33,7 +35,7 @@ from .resume import (
     save_training_state,
     set_rng_state,
 )
-from .schedules import Schedule, ScheduleName, make_schedule
+from .schedules import AUTHORS_WARMUP_STEPS, Constant, Schedule, ScheduleName, make_schedule
 
 #: Called after every epoch with (epoch index from 0, that epoch's log record).
 Callback = Callable[[int, dict[str, float]], None]
@@ -58,6 +60,7 @@ class FitResult:
     :ivar state: the method's extra state (e.g. IBDR's λ and settings).
     :ivar config: the method's config as plain values (``method.config.to_dict()``).
     :ivar resumed_at_step: the step at which this call continued a snapshot (0: it ran from the start).
+    :ivar preset: the name of the preset the run used, or None.
     """
 
     posterior: Posterior
@@ -72,6 +75,7 @@ class FitResult:
     state: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     resumed_at_step: int = 0
+    preset: str | None = None
 
 
 def _check_length(epochs: int | None, steps: int | None) -> None:
@@ -95,16 +99,20 @@ def _total_steps(loader: Iterable, epochs: int | None, steps: int | None) -> int
 
 
 def _build_method(
-    method: Method | str, model: BayesianLoRA, optim: OptimSettings | None, seed: int, options: dict[str, Any]
+    method: Method | str, model: BayesianLoRA, optim: OptimSettings | None, seed: int, options: dict[str, Any],
+    preset: Preset | None,
 ) -> Method:
     if isinstance(method, Method):
-        if optim is not None or options:
-            raise ValueError("optim and method options apply only when the method is given by name")
+        if optim is not None or options or preset is not None:
+            raise ValueError("optim, preset and method options apply only when the method is given by name")
         if method.model is not model:
             raise ValueError("the method instance was built for a different model")
         return method
     if not isinstance(method, str):
         raise TypeError(f"method must be a Method or a registered name, got {type(method).__name__}")
+    if preset is not None:
+        optim = optim or preset.optim
+        options = {**preset.method_options(method), **options}
     return create_method(method, model, optim=optim, seed=seed, **options)
 
 
@@ -120,8 +128,13 @@ class _OnDevice:
             yield to_device(x, self.device), y.to(self.device)
 
 
-def _resolve_schedule(schedule: Schedule | ScheduleName, total_steps: int) -> Schedule:
-    return make_schedule(schedule, total_steps) if isinstance(schedule, str) else schedule
+def _resolve_schedule(schedule: Schedule | ScheduleName | None, total_steps: int, preset: Preset | None) -> Schedule:
+    """The given schedule; by name with the preset's warm-up (else the authors' 500 steps); else the preset's."""
+    if isinstance(schedule, str):
+        return make_schedule(schedule, total_steps, preset.warmup_steps if preset else AUTHORS_WARMUP_STEPS)
+    if schedule is not None:
+        return schedule
+    return preset.make_schedule(total_steps) if preset else Constant()
 
 
 def posterior_scale(posterior: Posterior) -> float | None:
@@ -188,9 +201,12 @@ class _Progress:
 
 
 def _fingerprint(runner: Method, model: BayesianLoRA, loader: Iterable, seed: int, total: int,
-                 schedule: Schedule | ScheduleName) -> dict[str, Any]:
+                 schedule: Schedule | ScheduleName | None, preset: Preset | None,
+                 precision: Precision) -> dict[str, Any]:
     """What a snapshot must share with the run that continues it."""
     return {
+        "preset": preset.name if preset is not None else None,
+        "precision": precision,
         "method": runner.name,
         "config": runner.config.to_dict(),
         "optim": asdict(runner.optim_settings),
@@ -251,13 +267,15 @@ def fit(
     epochs: int | None = None,
     steps: int | None = None,
     optim: OptimSettings | None = None,
-    schedule: Schedule | ScheduleName = "constant",
+    schedule: Schedule | ScheduleName | None = None,
+    preset: Preset | str | None = None,
     seed: int = 0,
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     device: torch.device | str | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 1,
+    precision: Precision = "fp32",
     **method_options: Any,
 ) -> FitResult:
     """Train ``method`` on ``model`` for exactly one of ``epochs`` (passes over the loader) or ``steps``.
@@ -270,6 +288,11 @@ def fit(
     After the last step ``method.finalize`` gets the loader (batches moved to ``device``) for a post-hoc step such
     as a Laplace fit; its time counts in ``wall_time_s``.
 
+    A ``preset`` (:data:`~pyro_ibdr.presets.PAPER`, :data:`~pyro_ibdr.presets.OFFICIAL`, or their names)
+    supplies what is not given explicitly: ``optim``, ``schedule``, the method's options
+    (``preset.method_options(name)``, overridden by ``method_options``) and the run length (``preset.epochs``
+    when neither ``epochs`` nor ``steps`` is given). The preset's batch size is the loader's business.
+
     Resuming: with ``checkpoint`` (a file path), a snapshot (:mod:`pyro_ibdr.resume`) is written atomically
     at the end of every ``checkpoint_every``-th epoch and of the last one, after the epoch's record and
     before the callbacks. When the file exists at the start, the run continues from it instead of from the
@@ -278,26 +301,34 @@ def fit(
     run (its generators are restored, not rebuilt), and the file is kept when the run ends.
 
     :param train_loader: re-iterable batches (x, y); x a tensor or a dict of tensors.
-    :param schedule: ``"constant"``, ``"warmup_cosine"`` or a callable step ↦ multiplier.
+    :param schedule: ``"constant"``, ``"warmup_cosine"`` (warm-up of the preset's ``warmup_steps``, else the
+        authors' 500 steps; a run not longer than that is an error) or a callable step ↦ multiplier; None:
+        the preset's schedule, else constant.
     :param callbacks: called after every epoch with ``(epoch, record)``.
     :param progress: show a progress bar (only when stderr is a terminal) with the loss and λ.
     :param checkpoint: the snapshot file to resume from and write to (None: no snapshots).
     :param checkpoint_every: epochs between snapshots (≥ 1).
+    :param precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` to run every step under ``torch.autocast``
+        (:mod:`pyro_ibdr.precision`: θ and the optimiser state stay float32, no gradient scaler).
     :raises FloatingPointError: naming the step at which the loss became NaN or infinite.
     :raises ValueError: when the snapshot was written by a run with other settings (the message lists them),
         or is damaged.
     """
+    preset = get_preset(preset) if preset is not None else None
+    if preset is not None and preset.epochs is not None and epochs is None and steps is None:
+        epochs = preset.epochs
     _check_length(epochs, steps)
     _check_checkpoint_every(checkpoint_every)
     total = _total_steps(train_loader, epochs, steps)
+    multiplier = _resolve_schedule(schedule, total, preset)
     device = torch.device(device) if device is not None else model.theta0.device
+    mixed = autocast(precision, device)  # checks the setting before any work
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    runner = _build_method(method, model, optim, seed, method_options)
-    multiplier = _resolve_schedule(schedule, total)
+    runner = _build_method(method, model, optim, seed, method_options, preset)
     base_lr = runner.optim_settings.lr
     generators = loader_generators(train_loader)
-    fingerprint = _fingerprint(runner, model, train_loader, seed, total, schedule)
+    fingerprint = _fingerprint(runner, model, train_loader, seed, total, schedule, preset, precision)
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None:
         runner.check_resumable()
@@ -324,7 +355,8 @@ def fit(
                 lr = base_lr * multiplier(done.step)
                 runner.set_lr(lr)
                 try:
-                    terms = runner.step(x, y)
+                    with mixed:
+                        terms = runner.step(x, y)
                 except FloatingPointError as err:
                     raise FloatingPointError(f"training failed at step {done.step}: {err}") from err
                 _check_loss(done.step, terms)
@@ -377,4 +409,5 @@ def fit(
         state=runner.state(),
         config=runner.config.to_dict(),
         resumed_at_step=resumed_at,
+        preset=preset.name if preset is not None else None,
     )

@@ -98,17 +98,29 @@ def test_cli_end_to_end_on_arc_files(model_dir: Path, arc_files: tuple[Path, Pat
 
 
 @pytest.mark.filterwarnings("ignore:K = 2 particles exceed C − 1:UserWarning")  # the test-set DPP volume metric
-def test_two_choice_task_turns_the_diversity_term_off(model_dir: Path, tmp_path: Path) -> None:
+def test_two_choice_task_keeps_alpha_and_gets_a_constant_diversity_term(model_dir: Path, tmp_path: Path) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", _boolq_rows(8))
     test = write_jsonl(tmp_path / "test.jsonl", _boolq_rows(4))
     output = tmp_path / "out"
-    with pytest.warns(UserWarning, match="boolq: K = 2 > C − 1 = 1; diversity weight set to 0"):
+    with pytest.warns(UserWarning, match=r"K = 2 particles exceed C − 1 = 1 .* the diversity term is constant"):
         result = _invoke(model_dir, train, test, output, "--tasks", "BoolQ", "--methods", "ibdr", "--alpha", "0.5")
     assert result.exit_code == 0, result.output
     record = json.loads((output / "runs" / "boolq__ibdr__seed0.json").read_text())
-    assert record["state"]["settings"]["alpha"] == 0.0
+    assert record["state"]["settings"]["alpha"] == 0.5  # the library, not the CLI, handles K > C − 1
+    assert all(epoch["diversity"] == 0.0 for epoch in record["history"])
     assert record["data"] == {"train": 8, "test": 4, "dropped": 0, "n_choices": 2}
     assert 0 <= record["metrics"]["accuracy"] <= 1 and record["cost"]["test_samples"] == 2
+
+
+def test_the_official_preset_shapes_ibdr(model_dir: Path, arc_files: tuple[Path, Path], tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    result = _invoke(model_dir, *arc_files, output, "--tasks", "arc_easy", "--methods", "ibdr", "--preset", "official")
+    assert result.exit_code == 0, result.output
+    record = json.loads((output / "runs" / "arc_easy__ibdr__seed0.json").read_text())
+    assert record["metrics"]["ensemble"] == "mean_logits"
+    assert record["state"]["settings"]["cost"] == "output" and record["state"]["settings"]["dual_lr"] == 5e-4
+    config = json.loads((output / "results.json").read_text())["config"]
+    assert config["preset"]["name"] == "official" and config["preset"]["optim"]["optimizer"] == "adamw"
 
 
 def test_bad_input_is_refused_before_loading(model_dir: Path, arc_files: tuple[Path, Path], tmp_path: Path,

@@ -21,24 +21,30 @@ TINY = ["--task", "eurosat", "--model", "test_vit", "--img-size", "32", "--parti
         "--batch-size", "16", "--threads", "1"]  # timm's 6-block, 64-wide test ViT with random weights
 
 
-def _split(folder: Path, name: str, n: int) -> list[str]:
+def _split(folder: Path, name: str, n: int, classes: int = len(COLOURS)) -> list[str]:
     lines = []
     for i in range(n):
-        label = i % len(COLOURS)
+        label = i % classes
         relative = f"images/{name}_{i}.png"
         Image.new("RGB", (8, 8), COLOURS[label]).save(folder / relative)
         lines.append(f"{relative} {label}\n")
     return lines
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    """A VTAB-1k root with an ``eurosat`` folder: 30 train800 + 12 val200 images, 18 test images."""
-    folder = tmp_path / "vtab" / "eurosat"
+def _task_folder(root: Path, task: str, classes: int) -> None:
+    """30 train800 + 12 val200 images and 18 test images of ``classes`` flat colours."""
+    folder = root / task
     (folder / "images").mkdir(parents=True)
-    train, val, test = _split(folder, "train", 30), _split(folder, "val", 12), _split(folder, "test", 18)
+    train, val, test = (_split(folder, name, n, classes) for name, n in (("train", 30), ("val", 12), ("test", 18)))
     for split, lines in (("train800", train), ("val200", val), ("train800val200", train + val), ("test", test)):
         (folder / f"{split}.txt").write_text("".join(lines))
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A VTAB-1k root with an ``eurosat`` folder (3 of its 10 classes) and a ``patch_camelyon`` one (2 classes)."""
+    _task_folder(tmp_path / "vtab", "eurosat", len(COLOURS))
+    _task_folder(tmp_path / "vtab", "patch_camelyon", 2)
     return tmp_path / "vtab"
 
 
@@ -171,6 +177,36 @@ def test_missing_folders_and_file_lists_are_named(data_dir: Path, tmp_path: Path
     (data_dir / "eurosat" / "train800val200.txt").unlink()
     message = error_message(_invoke(data_dir, tmp_path / "out", "map"))
     assert "file list not found" in message and "train800val200.txt" in message
+
+
+def test_official_preset_comes_from_the_library(data_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    message = error_message(_invoke(data_dir, output, "ibdr", "--preset", "official"))
+    assert "eurosat" in message and "run of 3 steps is not longer than its warm-up of 500 steps" in message
+    assert "--warmup-steps" in message
+    result = _invoke(data_dir, output, "ibdr", "--preset", "official", "--warmup-steps", "1")
+    assert result.exit_code == 0, result.output
+    record = json.loads((output / "runs" / "eurosat__ibdr__seed0.json").read_text())
+    preset = record["settings"]["preset"]
+    assert preset["name"] == "official" and preset["optim"]["optimizer"] == "sgd"
+    assert preset["optim"]["lr"] == 0.5 and preset["loss"]["rho"] == 0.1  # eurosat's row of the authors' table
+    assert preset["num_particles"] == 2 and preset["warmup_steps"] == 1  # the options given here win
+    assert (record["settings"]["rank"], record["settings"]["lora_alpha"]) == (8, 8)
+    assert record["metrics"]["ensemble"] == "mean_logits" and record["cost"]["test_samples"] == 2
+    assert 0.5 <= record["state"]["lambda"] <= 5.0
+
+
+@pytest.mark.filterwarnings("ignore:K = 4 particles exceed C − 1:UserWarning")  # the test-set DPP volume metric
+def test_a_binary_task_with_more_particles_than_wrong_classes_runs(data_dir: Path, tmp_path: Path) -> None:
+    args = ["--data-dir", str(data_dir), "--output", str(tmp_path / "out"), "--methods", "ibdr", "--task",
+            "patch_camelyon", "--model", "test_vit", "--img-size", "32", "--particles", "4", "--epochs", "1",
+            "--batch-size", "16", "--threads", "1", "--alpha", "0.5"]
+    with pytest.warns(UserWarning, match="K = 4 particles exceed C − 1 = 1 .* set to 0"):
+        result = CliRunner().invoke(vtab.main, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "runs" / "patch_camelyon__ibdr__seed0.json").read_text())
+    assert record["state"]["settings"]["alpha"] == 0.5 and record["history"][0]["diversity"] == 0.0
+    assert record["cost"]["test_samples"] == 4
 
 
 def test_help_documents_every_option() -> None:

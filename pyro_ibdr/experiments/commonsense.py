@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import os
 import platform
-import warnings
 from functools import partial
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from pyro_ibdr.experiments.grid import (
     check_methods,
     cli_options,
     comma_separated,
-    method_options,
+    precision_option,
     report,
     run_grid,
     snapshots,
@@ -50,8 +49,9 @@ from pyro_ibdr.experiments.grid import (
 from pyro_ibdr.experiments.report import write_report
 from pyro_ibdr.experiments.store import canonical_config
 from pyro_ibdr.experiments.text import AnswerTokenClassifier, EncoderChoiceClassifier
-from pyro_ibdr.methods import METHODS, OptimSettings
+from pyro_ibdr.methods import METHODS
 from pyro_ibdr.methods.base import Adapter
+from pyro_ibdr.presets import PRESETS, get_preset
 
 OFFLINE_LM, OFFLINE_ENCODER = "smollm2", "minilm"
 
@@ -123,8 +123,12 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, adapter: Adapter = "lora"
 @click.option("--lm-head", is_flag=True, help="Also put LoRA on the LM head.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               help="Dropout on the LoRA input (needed by mc_dropout).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper",
+              help="IBDR's objective, head sharing and prediction mode (pyro_ibdr.presets); the optimiser, rate, "
+                   "batch and steps stay the BLoB protocol's options below (AdamW, constant rate).")
 @click.option("--alpha", "diversity_weight", type=float, default=None,
-              help="IBDR diversity weight (forced to 0 on two-choice tasks, where K > C − 1).")
+              help="IBDR diversity weight (default: the preset's; on two-choice tasks K > C − 1 makes the term "
+                   "constant: it is 0, with one warning).")
 @click.option("--num-samples", type=int, default=10, help="Posterior samples at test (BLoB: 10).")
 @click.option("--max-train", type=int, default=None, help="Use the first N training questions.")
 @click.option("--max-test", type=int, default=100, help="Evaluate on the first N test questions (0: all).")
@@ -137,9 +141,11 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, adapter: Adapter = "lora"
               help="Epochs (passes over the training questions) between training snapshots in <output>/resume "
                    "(0: none; the last step is always kept); a rerun continues an interrupted run from its last "
                    "snapshot, to the same numbers.")
+@precision_option
 def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods, particles, steps, batch_size,
-         max_length, lr, rank, lora_alpha, lm_head, lora_dropout, diversity_weight, num_samples, max_train,
-         max_test, seeds, device, threads, output, checkpoint_every) -> None:
+         max_length, lr, rank, lora_alpha, lm_head, lora_dropout, preset, diversity_weight, num_samples, max_train,
+         max_test, seeds, device, threads, output, precision,
+         checkpoint_every) -> None:
     """Fine-tune an LLM (or encoder) with LoRA on commonsense multiple-choice tasks; print ACC/ECE/NLL tables."""
     check_methods(methods)
     if source == "files" and (train_file is None or test_file is None):
@@ -173,19 +179,19 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
     def unit_config(unit: Unit) -> dict:
         return {"options": unit_options(), "task": unit.task, "method": unit.method, "seed": unit.seed}
 
+    changes = {"lr": lr, "optimizer": "adamw", "weight_decay": 0.0, "schedule": "constant", "warmup_steps": 0,
+               "batch_size": batch_size, "num_particles": particles, "epochs": None}
+    if diversity_weight is not None:
+        changes["alpha"] = diversity_weight
+    run_preset = get_preset(preset).replace(**changes)
+
     def run_unit(unit: Unit) -> dict:
         split = splits[unit.task]
         train = split.train[:max_train] if max_train else split.train
         test = split.test[:max_test] if max_test else split.test
-        ibdr = {"alpha": diversity_weight} if diversity_weight is not None else {}
-        if split.n_choices - 1 < particles and unit.method == "ibdr":
-            warnings.warn(f"{unit.task}: K = {particles} > C − 1 = {split.n_choices - 1}; diversity weight set to 0",
-                          stacklevel=1)
-            ibdr["alpha"] = 0.0
         loader = DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=collate,
                             generator=torch.Generator().manual_seed(unit.seed))
-        fit_options = {"steps": steps, "optim": OptimSettings(lr=lr, optimizer="adamw"), "progress": True,
-                       **method_options(unit.method, particles, {"ibdr": ibdr}),
+        fit_options = {"steps": steps, "preset": run_preset, "progress": True,
                        **snapshots(store.resume_path(unit, unit_config(unit)), checkpoint_every)}
         rebuild = {"experiment": "commonsense", "backbone": {"name": model_name, "load_in_8bit": load_in_8bit},
                    "net": net_options(unit),
@@ -194,7 +200,7 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
         record = train_and_evaluate(
             unit, build_net=partial(fresh_net, unit), train_loader=loader,
             test_loader=lambda: DataLoader(test, batch_size=batch_size, collate_fn=collate), num_data=len(train),
-            fit_options=fit_options, num_samples=num_samples, output=output, device=device,
+            fit_options=fit_options, num_samples=num_samples, output=output, device=device, precision=precision,
             rebuild=canonical_config(rebuild),
         )
         return {**record, "data": {"train": len(train), "test": len(test), "dropped": split.dropped,
@@ -205,8 +211,10 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
     config = {
         "options": cli_options(), "tasks": tasks, "source": source, "model": model_name, "methods": methods,
         "seeds": list(seeds), "particles": particles, "steps": steps, "batch_size": batch_size,
-        "max_length": max_length, "lr": lr, "optimizer": "adamw", "rank": rank, "lora_alpha": lora_alpha,
+        "max_length": max_length, "lr": lr, "optimizer": "adamw", "preset": run_preset.to_dict(), "rank": rank,
+        "lora_alpha": lora_alpha,
         "lm_head": lm_head, "lora_dropout": lora_dropout, "num_samples": num_samples, "device": device,
+        "precision": precision,
         "threads": torch.get_num_threads(),
         "versions": {**library_versions(), "python": platform.python_version()},
     }

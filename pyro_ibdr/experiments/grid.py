@@ -19,7 +19,8 @@ from ..io import write_csv, write_json
 from ..methods import METHODS
 from ..metrics import EnsembleMode, calibration_bins, ensemble_probs, evaluate_predictions
 from ..model import BayesianLoRA
-from ..posterior import ParticlePosterior, Posterior
+from ..posterior import Posterior
+from ..precision import AUTOCAST_DTYPES, Precision
 from ..predictive import predict_loader
 from ..train import fit
 from .plots import reliability_diagram
@@ -159,29 +160,22 @@ def write_summary(folder: str | Path, records: Sequence[dict[str, Any]], config:
     return rows
 
 
-def method_options(method: str, particles: int, extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Constructor options of ``method``: its ensemble size (K particles, or K training samples for BBB/SA-BNN:
-    the config's ``size_field``) plus ``extra[method]``."""
-    size_field = METHODS[method].config_class.size_field
-    options = {size_field: particles} if size_field else {}
-    return {**options, **(extra or {}).get(method, {})}
-
-
-def test_time_samples(posterior: Posterior, requested: int) -> int:
-    """S for prediction: a point-mass particle posterior is evaluated on its K particles exactly once."""
-    if isinstance(posterior, ParticlePosterior) and float(posterior.sigma) == 0 and not posterior.dropout_at_test:
-        return posterior.num_particles
-    return requested
+def precision_option(command: Callable) -> Callable:
+    """The ``--precision`` option shared by the experiment commands."""
+    return click.option("--precision", type=click.Choice(list(AUTOCAST_DTYPES)), default="fp32",
+                        help="Autocast of the network in training and test: fp32 (none), bf16 or fp16; θ, softmax and "
+                             "metrics stay float32.")(command)
 
 
 #: Equal-width confidence bins of every ECE and reliability diagram the experiments report.
 N_BINS = 15
 
 
-def score(model: BayesianLoRA, posterior: Posterior, loader: Iterable, *, num_samples: int, seed: int,
-          ensemble: EnsembleMode = "mean_probs", device: str | torch.device | None = None,
-          ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """The posterior predictive of ``model`` on ``loader`` with S = ``num_samples`` draws fixed by ``seed``.
+def score(model: BayesianLoRA, posterior: Posterior, loader: Iterable, *, num_samples: int | None, seed: int,
+          ensemble: EnsembleMode | None = None, device: str | torch.device | None = None,
+          precision: Precision = "fp32") -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """The posterior predictive of ``model`` on ``loader`` with S = ``posterior.num_draws(num_samples)`` draws fixed
+    by ``seed``, combined by ``ensemble`` (default: the posterior's own ``prediction`` mode), under ``precision``.
 
     Returns (metrics, ensemble probabilities (N, C), targets (N,)). The metrics are those of
     :func:`pyro_ibdr.metrics.evaluate_predictions` (ECE as a fraction over :data:`N_BINS` bins) plus
@@ -189,14 +183,15 @@ def score(model: BayesianLoRA, posterior: Posterior, loader: Iterable, *, num_sa
     ``accuracy`` and ``confidence`` (N_BINS + 1 entries, the last for confidence exactly 1, as in
     :class:`pyro_ibdr.metrics.CalibrationBins`), from which reports redraw reliability diagrams.
     """
-    draws = fixed_draws(posterior, num_samples, seed=seed)
-    probs, targets = predict_loader(model, draws, loader, num_samples, device=device, seed=seed)
+    samples, ensemble = posterior.num_draws(num_samples), ensemble or posterior.prediction
+    draws = fixed_draws(posterior, samples, seed=seed)
+    probs, targets = predict_loader(model, draws, loader, samples, device=device, seed=seed, precision=precision)
     mean = ensemble_probs(probs, ensemble)
     bins = calibration_bins(mean, targets, N_BINS)
     metrics = {
         **evaluate_predictions(probs, targets, n_bins=N_BINS, mode=ensemble),
         "ensemble": ensemble,
-        "num_samples": num_samples,
+        "num_samples": samples,
         "n_bins": N_BINS,
         "calibration": {"count": bins.count.tolist(), "accuracy": bins.accuracy.tolist(),
                         "confidence": bins.confidence.tolist()},
@@ -213,28 +208,33 @@ def train_and_evaluate(
     num_data: int,
     fit_options: dict[str, Any],
     num_samples: int,
-    ensemble: EnsembleMode = "mean_probs",
     output: Path | None = None,
     device: str | torch.device = "cpu",
+    precision: Precision = "fp32",
     rebuild: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit ``unit.method`` on a fresh LoRA model, then evaluate it once on the test loader.
 
-    ``test_loader`` is called only after training, so test data is never read before training ends.
+    ``test_loader`` is called only after training, so test data is never read before training ends. Point-mass
+    posteriors are evaluated on each particle once; others with ``num_samples`` draws (``Posterior.num_draws``);
+    the ensemble combines them in the posterior's own prediction mode.
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) is the autocast setting of training and prediction.
     Returns a JSON-ready record: test metrics (:func:`score`), the cost of training, the per-epoch history and
     method state. With ``output``, the reliability diagram and the posterior are written there
     (:class:`~pyro_ibdr.experiments.store.ResultStore` layout); the posterior's checkpoint records the method,
-    its config, the optimiser, the prediction mode (ensemble, S, bins), N and ``rebuild``: what
+    its config, the optimiser, the prediction (ensemble mode, S, bins, precision), N and ``rebuild``: what
     ``pyro-ibdr predict`` needs to build the network and read data again (plain values, written by the
     experiment command).
     """
     pyro.set_rng_seed(unit.seed)  # the LoRA initialisation must not depend on the units that ran before
     model = BayesianLoRA(build_net().to(device), num_data=num_data)
-    result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, **fit_options)
-    samples = test_time_samples(result.posterior, num_samples)
+    result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, precision=precision, **fit_options)
+    posterior = result.posterior
     start = time.perf_counter()
-    metrics, probs, targets = score(model, result.posterior, test_loader(), num_samples=samples, seed=unit.seed,
-                                    ensemble=ensemble, device=device)
+    requested = None if posterior.natural_num_samples else num_samples
+    metrics, probs, targets = score(model, posterior, test_loader(), num_samples=requested, seed=unit.seed,
+                                    device=device, precision=precision)
+    samples, ensemble = metrics["num_samples"], metrics["ensemble"]
     eval_seconds = time.perf_counter() - start
     files = {}
     if output is not None:
@@ -243,8 +243,10 @@ def train_and_evaluate(
                             title=f"{unit.method} on {unit.task}")
         optim = fit_options.get("optim")
         config = {"rebuild": rebuild or {}, "task": unit.task, "num_data": num_data, "method_config": result.config,
-                  "optim": asdict(optim) if optim is not None else None, "steps": result.steps,
-                  "prediction": {"ensemble": ensemble, "num_samples": samples, "n_bins": N_BINS}}
+                  "optim": asdict(optim) if optim is not None else None, "preset": result.preset,
+                  "steps": result.steps,
+                  "prediction": {"ensemble": ensemble, "num_samples": samples, "n_bins": N_BINS,
+                                 "precision": precision}}
         path = save_checkpoint(store.posterior_path(unit), result.posterior, spec=model.spec, method=result.method,
                                config=config, seed=unit.seed, state=result.state)
         files["posterior"] = path.relative_to(store.folder).as_posix()

@@ -189,9 +189,13 @@ def predict(posterior, data_dir, task, split, test_file, source, num_samples, en
                             batch_size=batch_size, collate_fn=loader.collate_fn)
         described["examples"] = len(loader.dataset)
     recorded = unit.checkpoint.config["prediction"]
-    metrics, _, _ = score(unit.model, unit.checkpoint.posterior, loader,
-                          num_samples=num_samples or recorded["num_samples"], seed=unit.checkpoint.seed,
-                          ensemble=ensemble or recorded["ensemble"], device=device)
+    try:
+        metrics, _, _ = score(unit.model, unit.checkpoint.posterior, loader,
+                              num_samples=num_samples or recorded["num_samples"], seed=unit.checkpoint.seed,
+                              ensemble=ensemble or recorded["ensemble"], device=device,
+                              precision=recorded.get("precision", "fp32"))
+    except ValueError as error:  # an S the posterior cannot honour (point masses are evaluated once each)
+        raise click.BadParameter(str(error), param_hint="--num-samples") from error
     result = {
         "posterior": str(posterior), "method": unit.checkpoint.method, "seed": unit.checkpoint.seed,
         "data": described, "metrics": metrics,

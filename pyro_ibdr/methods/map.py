@@ -10,6 +10,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, init_to_value
 
 from ..functional import Inputs
+from ..initialisation import seeded_particles
 from ..model import THETA, BayesianLoRA
 from ..posterior import ParticlePosterior, Posterior
 from .base import Method, MethodConfig, OptimSettings
@@ -21,7 +22,9 @@ class MAPConfig(MethodConfig):
 
 
 class MAP(Method):
-    r"""θ_MAP = argmax_θ [log p(θ) + (N/B) Σ_b log p(y_b | x_b, θ)], started at the LoRA initialisation θ0.
+    r"""θ_MAP = argmax_θ [log p(θ) + (N/B) Σ_b log p(y_b | x_b, θ)], started at the seeded LoRA initialisation
+    θ_s (:func:`~pyro_ibdr.initialisation.seeded_particles` with K = 1: the start of ensemble member k of a run with
+    seed s − k).
 
     With a point-mass guide the ELBO is the log joint, so SVI with ``Trace_ELBO`` is MAP estimation. This is BLoB's
     MAP baseline (Wang et al., NeurIPS 2024, §5: LoRA trained with weight decay); :class:`~pyro_ibdr.methods.MLE`
@@ -37,7 +40,7 @@ class MAP(Method):
     that prior gradient is rescaled by the second-moment estimate like the data gradient. AdamW's decoupled decay
     instead shrinks θ ← θ − lr·wd·θ outside the adaptive step (Loshchilov & Hutter, ICLR 2019), which equals the
     prior only for plain SGD. ``OptimSettings.weight_decay`` acts on top of the prior, on ELBO-unit gradients.
-    The posterior is one point mass (K = 1).
+    Steps run in the units of ``optim.objective_scale``. The posterior is one point mass (K = 1).
     """
 
     name = "map"
@@ -48,8 +51,9 @@ class MAP(Method):
         *, seed: int = 0,
     ) -> None:
         super().__init__(model, config, optim, seed=seed)
+        self.theta_init = seeded_particles(model, 1, seed)[0]
         # init_to_value's tensor becomes the parameter storage: pass a clone.
-        self.guide = AutoDelta(model, init_loc_fn=init_to_value(values={THETA: model.theta0.clone()}))
+        self.guide = AutoDelta(model, init_loc_fn=init_to_value(values={THETA: self.theta_init.clone()}))
         self.optim = self.optim_settings.pyro_optimizer()
         self.svi = SVI(self.objective(), self.guide, self.optim, Trace_ELBO(max_plate_nesting=model.max_plate_nesting))
 
@@ -67,12 +71,13 @@ class MAP(Method):
             self.guide(x, y)
 
     def step(self, x: Inputs, y: torch.Tensor) -> dict[str, float]:
-        return {"loss": float(self.svi.step(x, y))}
+        with self.objective_units():
+            return {"loss": float(self.svi.step(x, y))}
 
     def theta(self) -> torch.Tensor:
-        """The current point estimate (D,); θ0 before the first step."""
+        """The current point estimate (D,); the initialisation before the first step."""
         if self.guide.prototype_trace is None:
-            return self.model.theta0.clone()
+            return self.theta_init.clone()
         return self.guide.median()[THETA].detach().clone()
 
     def posterior(self) -> Posterior:
