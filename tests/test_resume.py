@@ -27,6 +27,7 @@ from pyro_ibdr.resume import (
     rng_state,
     set_rng_state,
 )
+from pyro_ibdr.schedules import WarmupCosine
 from pyro_ibdr.train import FitResult, fit
 from tests._dummies.data import digits
 from tests._dummies.nets import lora_mlp, plain_mlp, pvera_mlp
@@ -36,6 +37,7 @@ EPOCHS = 4
 OPTIONS = {"ibdr": {"num_particles": 2, "sigma": 0.01, "learn_sigma": True}, "sgld": {"burn_in": 3, "thin": 2},
            "laplace": {"stochastic": True, "marglik_steps": 5}}  # finalize draws random numbers after the snapshot
 NETWORKS = {"lora": lora_mlp, "full": plain_mlp, "pvera": pvera_mlp}
+SCHEDULE = WarmupCosine(total_steps=16, warmup_steps=4)  # 4 epochs of 4 batches; the rate moves across epochs
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -62,7 +64,7 @@ def run(name: str, checkpoint: Path | None = None, stop_after: int | None = None
         if stop_after is not None and epoch + 1 == stop_after:
             raise Interrupt
 
-    settings = {"optim": OptimSettings(lr=0.01), "schedule": "warmup_cosine", "seed": 3, **options(name), **overrides}
+    settings = {"optim": OptimSettings(lr=0.01), "schedule": SCHEDULE, "seed": 3, **options(name), **overrides}
     return fit(name, model, loader(), epochs=EPOCHS, progress=False, callbacks=[interrupt], checkpoint=checkpoint,
                **settings)
 
@@ -139,7 +141,7 @@ def test_a_finished_snapshot_returns_the_result_without_training(tmp_path: Path)
     reference = run("map", path)
     calls = []
     model = BayesianLoRA(lora_mlp(seed=0).eval(), num_data=64)
-    again = fit("map", model, loader(), epochs=EPOCHS, optim=OptimSettings(lr=0.01), schedule="warmup_cosine", seed=3,
+    again = fit("map", model, loader(), epochs=EPOCHS, optim=OptimSettings(lr=0.01), schedule=SCHEDULE, seed=3,
                 progress=False, checkpoint=path, callbacks=[lambda e, r: calls.append(e)])
     assert calls == [] and again.resumed_at_step == again.steps == 16
     assert_same_run(again, reference)
