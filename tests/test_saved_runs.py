@@ -75,11 +75,13 @@ def test_predict_scores_a_saved_posterior_as_the_run_did(finished: tuple[Path, P
         assert saved["conventions"]["ece"].startswith("fraction in [0, 1]")
     assert not list((output / "resume").iterdir())  # finished units keep their posterior, not their snapshot
     ibdr = output / "posteriors" / "eurosat__ibdr__seed1.pt"
-    result = _pyro_ibdr("predict", ibdr, "--split", "val200", "--num-samples", "4", "--max-examples", "5")
+    result = _pyro_ibdr("predict", ibdr, "--split", "val200", "--max-examples", "5")
     assert result.exit_code == 0, result.output
     saved = json.loads(result.stdout)
     assert saved["data"]["split"] == "val200" and saved["data"]["examples"] == 5
-    assert saved["metrics"]["num_samples"] == 4 and saved["seed"] == 1 and saved["method"] == "ibdr"
+    assert saved["metrics"]["num_samples"] == 2 and saved["seed"] == 1 and saved["method"] == "ibdr"
+    message = error_message(_pyro_ibdr("predict", ibdr, "--num-samples", "4"))  # K = 2 point masses: S = K only
+    assert "--num-samples" in message and "2 point masses" in message
 
 
 def test_predict_refuses_what_does_not_fit(finished: tuple[Path, Path], tmp_path: Path) -> None:
