@@ -145,7 +145,8 @@ def test_a_finished_snapshot_returns_the_result_without_training(tmp_path: Path)
                 progress=False, checkpoint=path, callbacks=[lambda e, r: calls.append(e)])
     assert calls == [] and again.resumed_at_step == again.steps == 16
     assert_same_run(again, reference)
-    assert again.wall_time_s == pytest.approx(load_training_state(path)["wall_time_s"], abs=0.05)
+    trained = load_training_state(path)["wall_time_s"]  # plus only the set-up and finalize of this call
+    assert trained <= again.wall_time_s < trained + 5.0
 
 
 def test_a_snapshot_of_other_settings_or_a_damaged_one_is_refused(tmp_path: Path) -> None:
