@@ -42,16 +42,16 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _check_plain(value: Any, where: str) -> None:
+def check_plain(value: Any, where: str) -> None:
     """Reject values that ``torch.load(weights_only=True)`` could not read back."""
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str | int):
                 raise ValueError(f"{where} has a key of type {type(key).__name__}; use str keys")
-            _check_plain(item, f"{where}[{key!r}]")
+            check_plain(item, f"{where}[{key!r}]")
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]")
+            check_plain(item, f"{where}[{i}]")
     elif not isinstance(value, _PLAIN):
         raise ValueError(
             f"{where} is a {type(value).__name__}; checkpoints store only tensors, str, int, float, bool, None "
@@ -105,7 +105,7 @@ def save_checkpoint(
         "versions": library_versions(),
         "param_spec": {"names": list(spec.names), "shapes": [list(s) for s in spec.shapes]},
     }
-    _check_plain(payload, "checkpoint")
+    check_plain(payload, "checkpoint")
     with atomic_write(path, "wb") as handle:
         torch.save(payload, handle)
     return Path(path)
@@ -189,6 +189,16 @@ def export_peft_adapter(model: BayesianLoRA, theta: torch.Tensor, folder: str | 
     return Path(folder)
 
 
+def export_adapters(model: BayesianLoRA, thetas: Mapping[str, torch.Tensor],
+                    folder: str | os.PathLike[str]) -> list[Path]:
+    """Export each θ (D,) of ``thetas`` as a peft adapter in ``folder/<name>``; ``folder`` is written as one
+    atomic folder (it replaces an existing one only when every adapter was written)."""
+    with atomic_folder(folder) as tmp:
+        for name, theta in thetas.items():
+            _save_adapter(model, theta, tmp / name)
+    return [Path(folder) / name for name in thetas]
+
+
 def export_particles(model: BayesianLoRA, posterior: ParticlePosterior, folder: str | os.PathLike[str]) -> list[Path]:
     """Export every particle μ_k of a :class:`ParticlePosterior` to ``folder/particle_k`` (one atomic folder).
 
@@ -196,8 +206,4 @@ def export_particles(model: BayesianLoRA, posterior: ParticlePosterior, folder: 
     """
     if not isinstance(posterior, ParticlePosterior):
         raise TypeError(f"export_particles needs a ParticlePosterior, got {type(posterior).__name__}")
-    names = [f"particle_{k}" for k in range(posterior.num_particles)]
-    with atomic_folder(folder) as tmp:
-        for name, theta in zip(names, posterior.particles, strict=True):
-            _save_adapter(model, theta, tmp / name)
-    return [Path(folder) / name for name in names]
+    return export_adapters(model, {f"particle_{k}": theta for k, theta in enumerate(posterior.particles)}, folder)

@@ -8,14 +8,14 @@ stepped before starts from its initialisation again.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from itertools import groupby
-from operator import itemgetter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyro
@@ -29,6 +29,14 @@ from .posterior import EmpiricalPosterior, GaussianPosterior, ParticlePosterior,
 from .precision import Precision, autocast
 from .predictive import split_batch, to_device
 from .presets import Preset, get_preset
+from .resume import (
+    fingerprint_difference,
+    load_training_state,
+    loader_generators,
+    rng_state,
+    save_training_state,
+    set_rng_state,
+)
 from .schedules import AUTHORS_WARMUP_STEPS, Constant, Schedule, ScheduleName, make_schedule
 
 #: Called after every epoch with (epoch index from 0, that epoch's log record).
@@ -53,6 +61,7 @@ class FitResult:
     :ivar num_particles_or_samples: K particles, S stored samples, or the method's training samples.
     :ivar state: the method's extra state (e.g. IBDR's λ and settings).
     :ivar config: the method's config as plain values (``method.config.to_dict()``).
+    :ivar resumed_at_step: the step at which this call continued a snapshot (0: it ran from the start).
     :ivar preset: the name of the preset the run used, or None.
     :ivar distributed: the distributed mode (``"data"``, ``"particle"``) and the number of processes, or None.
     """
@@ -68,6 +77,7 @@ class FitResult:
     num_particles_or_samples: int | None = None
     state: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    resumed_at_step: int = 0
     preset: str | None = None
     distributed: dict[str, Any] | None = None
 
@@ -90,25 +100,6 @@ def _total_steps(loader: Iterable, epochs: int | None, steps: int | None) -> int
     if per_epoch == 0:
         raise ValueError("the training loader is empty")
     return epochs * per_epoch
-
-
-def _numbered_batches(loader: Iterable, total_steps: int) -> Iterator[tuple[int, Any]]:
-    """(epoch, batch) pairs: passes over ``loader`` (re-iterated as needed) until ``total_steps`` batches."""
-    step, epoch = 0, 0
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield epoch, batch
-            step += 1
-            if step == total_steps:
-                return
-        if empty:
-            raise ValueError(
-                f"the training loader yielded no batches in pass {epoch + 1}; a generator can be iterated only "
-                "once, so pass a re-iterable loader (a DataLoader or a list of batches)"
-            )
-        epoch += 1
 
 
 def _build_method(
@@ -138,7 +129,8 @@ class _OnDevice:
         self.device = device
 
     def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
-        for x, y in self.loader:
+        for batch in self.loader:
+            x, y = split_batch(batch)
             yield to_device(x, self.device), y.to(self.device)
 
 
@@ -204,6 +196,76 @@ def _epoch_record(
     return record
 
 
+@dataclass
+class _Progress:
+    """Where a run stands: steps and epochs done, the history so far, the wall time of earlier segments."""
+
+    step: int = 0
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    earlier_wall_time_s: float = 0.0
+    posterior: Posterior | None = None
+
+
+def _fingerprint(runner: Method, model: BayesianLoRA, loader: Iterable, seed: int, total: int,
+                 schedule: Schedule | ScheduleName | None, preset: Preset | None,
+                 precision: Precision) -> dict[str, Any]:
+    """What a snapshot must share with the run that continues it."""
+    return {
+        "preset": preset.name if preset is not None else None,
+        "precision": precision,
+        "method": runner.name,
+        "config": runner.config.to_dict(),
+        "optim": asdict(runner.optim_settings),
+        "seed": seed,
+        "total_steps": total,
+        "batches_per_epoch": len(loader) if hasattr(loader, "__len__") else None,
+        "schedule": schedule if isinstance(schedule, str) else getattr(schedule, "__qualname__", repr(schedule)),
+        "param_names": list(model.spec.names),
+        "param_shapes": [list(shape) for shape in model.spec.shapes],
+        "num_data": model.num_data,
+    }
+
+
+def _resume(path: Path, runner: Method, fingerprint: dict[str, Any], generators: list[torch.Generator]) -> _Progress:
+    """The progress stored in the snapshot at ``path`` (restored into ``runner`` and the RNGs), or a fresh start."""
+    snapshot = load_training_state(path)
+    if snapshot is None:
+        return _Progress()
+    differences = fingerprint_difference(snapshot["fingerprint"], fingerprint)
+    if differences:
+        raise ValueError(
+            f"the training snapshot {path} was written by a run with other settings ({'; '.join(differences[:5])}); "
+            "delete it to start afresh, or pass another checkpoint path"
+        )
+    runner.load_state_dict(snapshot["method"])
+    set_rng_state(snapshot["rng"], generators)
+    posterior = snapshot["posterior"]
+    device = runner.model.theta0.device
+    posterior = {**posterior, "tensors": {name: value.to(device) for name, value in posterior["tensors"].items()}}
+    return _Progress(snapshot["step"], snapshot["epoch"], snapshot["history"], snapshot["wall_time_s"],
+                     Posterior.from_state_dict(posterior))
+
+
+def _save_snapshot(path: Path, runner: Method, fingerprint: dict[str, Any], generators: list[torch.Generator],
+                   progress: _Progress, wall_time_s: float) -> None:
+    save_training_state(path, {
+        "fingerprint": fingerprint,
+        "method": runner.state_dict(),
+        "rng": rng_state(generators),
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "history": progress.history,
+        "wall_time_s": wall_time_s,
+        "posterior": progress.posterior.state_dict(),
+    })
+
+
+def _check_checkpoint_every(every: int) -> None:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"checkpoint_every must be a positive number of epochs, got {every!r}")
+
+
 def fit(
     method: Method | str,
     model: BayesianLoRA,
@@ -219,6 +281,8 @@ def fit(
     progress: bool = True,
     device: torch.device | str | None = None,
     distributed: Mode | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 1,
     precision: Precision = "fp32",
     **method_options: Any,
 ) -> FitResult:
@@ -239,6 +303,13 @@ def fit(
     (``preset.method_options(name)``, overridden by ``method_options``) and the run length (``preset.epochs``
     when neither ``epochs`` nor ``steps`` is given). The preset's batch size is the loader's business.
 
+    Resuming: with ``checkpoint`` (a file path), a snapshot (:mod:`pyro_ibdr.resume`) is written atomically
+    at the end of every ``checkpoint_every``-th epoch and of the last one, after the epoch's record and
+    before the callbacks. When the file exists at the start, the run continues from it instead of from the
+    beginning and ends with the same numbers as a run that was never interrupted (same posterior, history
+    and method state; the wall time adds up the segments). The loader must be built as in the interrupted
+    run (its generators are restored, not rebuilt), and the file is kept when the run ends.
+
     :param train_loader: re-iterable batches (x, y); x a tensor or a dict of tensors.
     :param schedule: ``"constant"``, ``"warmup_cosine"`` (warm-up of the preset's ``warmup_steps``, else the
         authors' 500 steps; a run not longer than that is an error) or a callable step ↦ multiplier; None:
@@ -255,7 +326,10 @@ def fit(
     :param precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` to run every step under ``torch.autocast``
         (:mod:`pyro_ibdr.precision`: θ and the optimiser state stay float32, no gradient scaler).
     :raises FloatingPointError: naming the step at which the loss became NaN or infinite.
-    :raises ValueError: for a method that does not support the ``distributed`` mode.
+    :param checkpoint: the snapshot file to resume from and write to (None: no snapshots; one process only).
+    :param checkpoint_every: epochs between snapshots (≥ 1).
+    :raises ValueError: for a method that does not support the ``distributed`` mode; when the snapshot was
+        written by a run with other settings (the message lists them), or is damaged.
     """
     if not isinstance(model, BayesianLoRA):
         raise TypeError(f"model must be a BayesianLoRA, got {type(model).__name__}")
@@ -265,6 +339,7 @@ def fit(
     if preset is not None and preset.epochs is not None and epochs is None and steps is None:
         epochs = preset.epochs
     _check_length(epochs, steps)
+    _check_checkpoint_every(checkpoint_every)
     total = _total_steps(train_loader, epochs, steps)
     multiplier = _resolve_schedule(schedule, total, preset)
     device = torch.device(device) if device is not None else model.theta0.device
@@ -278,59 +353,93 @@ def fit(
             raise ValueError(f"the method instance was built for distributed={runner.distributed_mode!r}: build it "
                              f"inside pyro_ibdr.distributed.parallel({distributed!r}), or pass the method's name")
         base_lr = runner.optim_settings.lr
+        generators = loader_generators(train_loader)
+        fingerprint = _fingerprint(runner, model, train_loader, seed, total, schedule, preset, precision)
+        path = Path(checkpoint) if checkpoint is not None else None
+        if path is not None:
+            if mode() is not None:
+                raise ValueError("training snapshots (checkpoint=...) are written by one process; they are not "
+                                 f"supported under distributed={distributed!r}")
+            runner.check_resumable()
+        done = _resume(path, runner, fingerprint, generators) if path is not None else _Progress()
+        resumed_at = done.step
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        history: list[dict[str, float]] = []
         quiet = not progress or not sys.stderr.isatty() or not is_main_process()
-        bar = tqdm(total=total, disable=quiet, desc=runner.name, leave=False)
-        step, lr = 0, base_lr
+        bar = tqdm(total=total, initial=done.step, disable=quiet, desc=runner.name, leave=False)
+        lr = done.history[-1]["lr"] if done.history else base_lr
+        prepared = False
         start = time.perf_counter()
         try:
-            for epoch, batches in groupby(_numbered_batches(train_loader, total), key=itemgetter(0)):
+            while done.step < total:
                 sums: dict[str, float] = defaultdict(float)
                 count = 0
-                for _, batch in batches:
-                    x, y = split_batch(batch)
-                    lr = base_lr * multiplier(step)
+                for batch in train_loader:
+                    x, y = shard_batch(*split_batch(batch))
+                    x, y = to_device(x, device), y.to(device)
+                    if not prepared:
+                        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                            runner.prepare(x, y)
+                        prepared = True
+                    lr = base_lr * multiplier(done.step)
                     runner.set_lr(lr)
-                    x, y = shard_batch(x, y)
                     try:
                         with mixed:
-                            terms = runner.step(to_device(x, device), y.to(device))
+                            terms = runner.step(x, y)
                     except FloatingPointError as err:
-                        raise FloatingPointError(f"training failed at step {step}: {err}") from err
+                        raise FloatingPointError(f"training failed at step {done.step}: {err}") from err
                     terms = average_terms(terms, y.shape[0])
-                    _check_loss(step, terms)
+                    _check_loss(done.step, terms)
                     for name, value in terms.items():
                         sums[name] += value
                     count += 1
-                    step += 1
+                    done.step += 1
                     bar.update()
                     bar.set_postfix({k: f"{terms[k]:.4g}" for k in ("loss", "lambda") if k in terms}, refresh=False)
-                record = _epoch_record(sums, count, runner.posterior(), epoch, step, lr)
-                history.append(record)
+                    if done.step == total:
+                        break
+                if count == 0:
+                    raise ValueError(
+                        f"the training loader yielded no batches in pass {done.epoch + 1}; a generator can be "
+                        "iterated only once, so pass a re-iterable loader (a DataLoader or a list of batches)"
+                    )
+                done.posterior = runner.posterior()
+                record = _epoch_record(sums, count, done.posterior, done.epoch, done.step, lr)
+                done.history.append(record)
+                done.epoch += 1
+                if path is not None and (done.epoch % checkpoint_every == 0 or done.step == total):
+                    _save_snapshot(path, runner, fingerprint, generators, done,
+                                   done.earlier_wall_time_s + time.perf_counter() - start)
                 for callback in callbacks:
-                    callback(epoch, record)
+                    callback(done.epoch - 1, record)
         finally:
             bar.close()
-        runner.finalize(_OnDevice(train_loader, device))
+        on_device = _OnDevice(train_loader, device)
+        if not prepared:  # resumed from a snapshot of the last step: finalize may need the lazily built guide
+            shuffles = [g.get_state() for g in generators]
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                runner.prepare(*next(iter(on_device)))
+            for generator, state in zip(generators, shuffles, strict=True):  # finalize sees the loader's next order
+                generator.set_state(state)
+        runner.finalize(on_device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        wall = time.perf_counter() - start
+        wall = done.earlier_wall_time_s + time.perf_counter() - start
         posterior = runner.posterior()
     return FitResult(
         posterior=posterior,
         method=runner.name,
-        history=history,
-        steps=step,
+        history=done.history,
+        steps=done.step,
         wall_time_s=wall,
-        time_per_step_s=wall / step,
+        time_per_step_s=wall / done.step,
         passes_per_step=runner.passes_per_step,
         peak_memory_mb=_peak_memory_mb(device),
         num_particles_or_samples=num_particles_or_samples(runner, posterior),
         state=runner.state(),
         config=runner.config.to_dict(),
+        resumed_at_step=resumed_at,
         preset=preset.name if preset is not None else None,
         distributed={"mode": distributed, "world_size": world_size()} if distributed is not None else None,
     )

@@ -11,7 +11,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from pyro_ibdr.experiments import commonsense
+from pyro_ibdr.experiments import cli, commonsense
 from tests._dummies.cli import assert_help_documents_every_option, error_message
 from tests._dummies.text import make_tokenizer, tiny_lm, write_jsonl
 
@@ -148,6 +148,29 @@ def test_bad_input_is_refused_before_loading(model_dir: Path, arc_files: tuple[P
 def test_help_documents_every_option() -> None:
     assert len([p for p in commonsense.main.params if isinstance(p, click.Option)]) >= 23
     assert_help_documents_every_option(commonsense.main)
+
+
+def test_a_saved_posterior_scores_new_questions(model_dir: Path, arc_files: tuple[Path, Path],
+                                                tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    assert _invoke(model_dir, *arc_files, output, "--tasks", "arc_easy", "--methods", "ibdr").exit_code == 0
+    record = json.loads((output / "runs" / "arc_easy__ibdr__seed0.json").read_text())
+    assert (output / "report.md").is_file()
+    posterior = output / record["posterior"]
+    result = CliRunner().invoke(cli.main, ["predict", str(posterior)])  # the run's own test file
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    assert {m: scores["metrics"][m] for m in ("accuracy", "ece", "nll", "brier")} == {
+        m: record["metrics"][m] for m in ("accuracy", "ece", "nll", "brier")}
+    assert scores["data"] == {"task": "arc_easy", "test_file": str(arc_files[1]), "dropped": 0, "examples": 6}
+    new = write_jsonl(tmp_path / "new.jsonl", _arc_rows(10, offset=20))
+    result = CliRunner().invoke(cli.main, ["predict", str(posterior), "--test-file", str(new), "--output",
+                                           str(tmp_path / "scores.json")])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["data"]["examples"] == 10 and scores["metrics"]["num_samples"] == 2
+    message = error_message(CliRunner().invoke(cli.main, ["predict", str(posterior), "--split", "test"]))
+    assert "--split do(es) not apply to a commonsense posterior" in message
 
 
 @pytest.mark.parametrize(("method", "samples"), [("mle", 1), ("fft", 1), ("laplace", 2), ("ivon", 2), ("pvera", 2)])

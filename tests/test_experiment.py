@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from pyro_ibdr.checkpoint import load_checkpoint
 from pyro_ibdr.experiments import grid as experiment
 from pyro_ibdr.experiments.grid import (
     ResultStore,
@@ -22,6 +23,7 @@ from pyro_ibdr.experiments.grid import (
     train_and_evaluate,
     write_summary,
 )
+from pyro_ibdr.experiments.store import canonical_config, config_differences, config_hash
 from pyro_ibdr.methods import OptimSettings
 from tests._dummies.data import digits
 from tests._dummies.nets import lora_mlp
@@ -103,18 +105,80 @@ def test_run_grid_resumes_and_rejects_corrupted_records(tmp_path: Path) -> None:
         calls.append(unit)
         return {"metrics": {"accuracy": 0.5}}
 
-    first = run_grid(units[:1], run_unit, store, echo=messages.append)
-    assert first == [{"task": "a", "method": "map", "seed": 0, "metrics": {"accuracy": 0.5}}]
+    same = {"unit_config": lambda unit: {"lr": 0.1}, "echo": messages.append}
+    first = run_grid(units[:1], run_unit, store, **same)
+    assert first == [{"task": "a", "method": "map", "seed": 0, "metrics": {"accuracy": 0.5}, "config": {"lr": 0.1},
+                      "config_hash": config_hash({"lr": 0.1})}]
     stamp = store.path(units[0]).stat().st_mtime_ns
-    records = run_grid(units, run_unit, store, echo=messages.append)
+    records = run_grid(units, run_unit, store, **same)
     assert calls == units and [r["method"] for r in records] == ["map", "ibdr"]
     assert store.path(units[0]).stat().st_mtime_ns == stamp
-    assert messages == ["[a__map__seed0] running", "[a__map__seed0] finished earlier: reusing its result",
+    assert messages == ["[a__map__seed0] running",
+                        "[a__map__seed0] finished earlier with the same configuration: reusing its result",
                         "[a__ibdr__seed0] running"]
     store.path(units[1]).write_text('{"metrics": ')
     with pytest.raises(ValueError, match=r"a__ibdr__seed0\.json is corrupted.*delete it"):
-        run_grid(units, run_unit, store, echo=messages.append)
+        run_grid(units, run_unit, store, **same)
     assert len(calls) == 2
+
+
+def test_run_grid_reuses_a_record_only_under_the_same_configuration(tmp_path: Path) -> None:
+    """K 2 → 3 and lr 1e-3 → 5e-3 between two runs into one folder: both units train again, the old records and
+    files are kept aside, and every record carries the configuration its numbers came from."""
+    store, units = ResultStore(tmp_path), [Unit("a", "map", 0), Unit("a", "ibdr", 0)]
+    settings, calls, messages, kept = {"particles": 2, "lr": 1e-3}, [], [], []
+
+    def unit_config(unit: Unit) -> dict:
+        return {"options": dict(settings), "data_dir": tmp_path / "data", "task": unit.task}
+
+    def run_unit(unit: Unit) -> dict:
+        calls.append(unit)
+        snapshot = store.resume_path(unit, unit_config(unit))
+        assert {p.name for p in snapshot.parent.glob(f"{unit.key}-*")} <= {snapshot.name}  # a stale one is gone
+        kept.append(snapshot.is_file())
+        store.reliability_path(unit).parent.mkdir(exist_ok=True)
+        store.reliability_path(unit).write_bytes(b"diagram")
+        return {"metrics": {"accuracy": settings["lr"] * 100}}  # numbers that follow the configuration
+
+    first = run_grid(units, run_unit, store, unit_config=unit_config, echo=messages.append)
+    assert first[0]["config"] == {"options": {"particles": 2, "lr": 0.001}, "data_dir": str(tmp_path / "data"),
+                                  "task": "a"}
+    old_hash = first[0]["config_hash"]
+    settings.update(particles=3, lr=5e-3)
+    for unit in units:  # a snapshot of the old configuration, and one of the new, as a killed run leaves them
+        for config in ({"stale": True}, unit_config(unit)):
+            store.resume_path(unit, config).parent.mkdir(exist_ok=True)
+            store.resume_path(unit, config).write_bytes(b"snapshot")
+    messages.clear()
+    second = run_grid(units, run_unit, store, unit_config=unit_config, echo=messages.append)
+    assert calls == units + units and kept == [False, False, True, True]  # the current snapshot stays to resume
+    assert [r["metrics"]["accuracy"] for r in second] == [0.5, 0.5]
+    assert all(r["config"]["options"] == {"particles": 3, "lr": 0.005} for r in second)
+    aside = tmp_path / "runs" / "old" / f"a__map__seed0-{old_hash}.json"
+    assert json.loads(aside.read_text())["metrics"]["accuracy"] == pytest.approx(0.1)
+    assert aside.with_suffix(".png").read_bytes() == b"diagram"
+    assert messages[0] == (f"[a__map__seed0] the stored result has another configuration (options.lr: 0.001 → 0.005; "
+                           f"options.particles: 2 → 3): moved to {aside}; training again")
+    assert not list((tmp_path / "resume").iterdir())  # finished units keep no snapshot
+
+    messages.clear()
+    third = run_grid(units, run_unit, store, unit_config=unit_config, echo=messages.append)
+    assert len(calls) == 4 and third == second and all("reusing" in m for m in messages)
+    record = json.loads(store.path(units[0]).read_text())
+    del record["config_hash"]  # a record of an older version, without a configuration
+    store.path(units[0]).write_text(json.dumps(record))
+    run_grid(units[:1], run_unit, store, unit_config=unit_config, echo=messages.append)
+    assert len(calls) == 5 and (tmp_path / "runs" / "old" / "a__map__seed0-unhashed.json").is_file()
+
+
+def test_unit_configurations_are_canonical() -> None:
+    assert canonical_config({"b": (1, 2), "a": Path("x") / "y"}) == {"a": "x/y", "b": [1, 2]}
+    assert config_hash({"a": 1, "b": [1.0, "s"]}) == config_hash({"b": (1.0, "s"), "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2}) and len(config_hash({})) == 16
+    with pytest.raises(TypeError, match="plain JSON values only, got a OptimSettings"):
+        config_hash({"optim": OptimSettings()})
+    assert config_differences({"o": {"k": 2, "gone": 1}}, {"o": {"k": 3}, "new": None}) == [
+        "new: '(absent)' → None", "o.gone: 1 → '(absent)'", "o.k: 2 → 3"]
 
 
 def test_train_and_evaluate_reads_the_test_loader_after_training(tmp_path: Path,
@@ -137,7 +201,7 @@ def test_train_and_evaluate_reads_the_test_loader_after_training(tmp_path: Path,
     record = train_and_evaluate(Unit("digits", "ibdr", 0), build_net=lambda: lora_mlp(rank=8).eval(),
                                 train_loader=train, test_loader=test_loader, num_data=len(y), num_samples=7,
                                 fit_options=options,
-                                output=tmp_path)
+                                output=tmp_path, rebuild={"experiment": "digits"})
     assert events == ["fit returned", "test loader"]
     metrics, cost = record["metrics"], record["cost"]
     assert metrics["accuracy"] > 0.7  # 10 classes: chance is 0.1
@@ -146,3 +210,16 @@ def test_train_and_evaluate_reads_the_test_loader_after_training(tmp_path: Path,
     assert cost["trainable_parameters"] > 0 and len(record["history"]) == 3
     assert (tmp_path / "reliability" / "digits__ibdr__seed0.png").read_bytes()[:4] == b"\x89PNG"
     json.dumps(record, allow_nan=False)  # JSON-ready
+
+    # The per-bin statistics of the ensemble reproduce its ECE; the saved posterior records how to use it again.
+    bins = metrics["calibration"]
+    assert sum(bins["count"]) == len(y_test) and len(bins["count"]) == metrics["n_bins"] + 1 == 16
+    gaps = [n * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"], strict=True)]
+    assert sum(gaps) / len(y_test) == pytest.approx(metrics["ece"], abs=1e-6)
+    saved = load_checkpoint(tmp_path / record["posterior"])
+    assert record["posterior"] == "posteriors/digits__ibdr__seed0.pt" and saved.method == "ibdr" and saved.seed == 0
+    assert saved.config["prediction"] == {"ensemble": "mean_probs", "num_samples": 2, "n_bins": 15, "precision": "fp32"}
+    assert saved.config["rebuild"] == {"experiment": "digits"} and saved.config["num_data"] == len(y)
+    assert saved.config["method_config"]["num_particles"] == 2 and saved.config["optim"]["lr"] == 0.02
+    assert saved.state["lambda"] == record["state"]["lambda"]
+    assert len(saved.posterior.particles) == 2

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
+from pyro_ibdr.experiments import cli, vtab
 from pyro_ibdr.experiments import grid as experiment
-from pyro_ibdr.experiments import vtab
 from pyro_ibdr.experiments.data import vtab as vtab_data
 from tests._dummies.cli import assert_help_documents_every_option, error_message
 
@@ -119,7 +119,7 @@ def test_rerun_reuses_finished_records(data_dir: Path, tmp_path: Path, events: l
     events.clear()
     result = _invoke(data_dir, output, "map,ibdr")
     assert result.exit_code == 0, result.output
-    assert "[eurosat__map__seed0] finished earlier: reusing its result" in result.stderr
+    assert "[eurosat__map__seed0] finished earlier with the same configuration: reusing its result" in result.stderr
     assert "[eurosat__map__seed0] running" not in result.stderr and "[eurosat__ibdr__seed0] running" in result.stderr
     assert [name for kind, name in events if kind == "fit returned"] == ["ibdr"]
     assert record.read_bytes() == content and record.stat().st_mtime_ns == stamp
@@ -231,3 +231,18 @@ def test_each_new_baseline_runs_from_the_cli(data_dir: Path, tmp_path: Path, met
     assert cost["trainable_parameters"] == (parameters or lora)  # fft: every weight of the ViT, no LoRA
     if method == "laplace":
         assert record["state"]["hessian_structure"] == "kron" and record["state"]["prior_precision"] != [1.0]
+
+    # The saved posterior scores the test split again to the same numbers, and exports as peft adapters.
+    result = CliRunner().invoke(cli.main, ["predict", str(output / record["posterior"])])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["metrics"]
+    expected = {m: record["metrics"][m] for m in ("accuracy", "ece", "nll", "brier")}
+    # PVeRA's rebuilt network agrees to float32 rounding only (relative differences ~1e-5); the others bit for bit.
+    assert {m: metrics[m] for m in expected} == (pytest.approx(expected, rel=1e-4) if method == "pvera" else expected)
+    result = CliRunner().invoke(cli.main, ["export", str(output / record["posterior"]), str(tmp_path / "adapters")])
+    if method == "fft":
+        assert "cannot export" in error_message(result) and "is not a peft model" in error_message(result)
+    else:
+        assert result.exit_code == 0, result.output
+        names = {"laplace": ["mean"], "ivon": ["mean"]}.get(method, ["particle_0"])
+        assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == names

@@ -44,13 +44,17 @@ from pyro_ibdr.experiments.grid import (
     precision_option,
     report,
     run_grid,
+    snapshots,
     summary_writer,
     train_and_evaluate,
+    unit_options,
     with_post_hoc,
     write_summary,
 )
 from pyro_ibdr.experiments.options import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED
 from pyro_ibdr.experiments.post_hoc import anchor_indices, post_hoc_options, tfb_step
+from pyro_ibdr.experiments.report import write_report
+from pyro_ibdr.experiments.store import canonical_config
 from pyro_ibdr.experiments.text import AnswerTokenClassifier, EncoderChoiceClassifier
 from pyro_ibdr.methods import METHODS
 from pyro_ibdr.methods.base import Adapter
@@ -140,13 +144,17 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, adapter: Adapter = "lora"
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: all cores).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/commonsense"),
               help="Folder for runs/, reliability/, results.json and results.csv; finished runs are reused.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=1,
+              help="Epochs (passes over the training questions) between training snapshots in <output>/resume "
+                   "(0: none; the last step is always kept); a rerun continues an interrupted run from its last "
+                   "snapshot, to the same numbers.")
 @precision_option
 @parallel_options
 @post_hoc_options(anchor_size=64)
 def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods, particles, steps, batch_size,
          max_length, lr, rank, lora_alpha, lm_head, lora_dropout, preset, diversity_weight, num_samples, max_train,
          max_test, seeds, device, threads, output, precision, post_hoc, tfb_tolerance, tfb_metric, tfb_anchor_size,
-         tfb_samples, distributed_mode, shard, reclaim) -> None:
+         tfb_samples, distributed_mode, shard, reclaim, checkpoint_every) -> None:
     """Fine-tune an LLM (or encoder) with LoRA on commonsense multiple-choice tasks; print ACC/ECE/NLL tables."""
     check_methods(methods)
     if source == "files" and (train_file is None or test_file is None):
@@ -166,11 +174,19 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
     collate = (EncoderChoiceCollator(tokenizer, max_length) if is_encoder
                else MultipleChoiceCollator(tokenizer, max_length))
 
-    def fresh_net(task: str, adapter: Adapter) -> torch.nn.Module:
+    def net_options(unit: Unit) -> dict:
+        return {"adapter": METHODS[unit.method].adapter, "is_encoder": is_encoder,
+                "n_choices": splits[unit.task].n_choices, "rank": rank, "lora_alpha": lora_alpha, "lm_head": lm_head,
+                "lora_dropout": lora_dropout}
+
+    def fresh_net(unit: Unit) -> torch.nn.Module:
         """A copy of the loaded backbone with a new adapter (peft injects adapters in place)."""
-        return build_net(copy.deepcopy(backbone), tokenizer, adapter=adapter, is_encoder=is_encoder,
-                         n_choices=splits[task].n_choices, rank=rank, lora_alpha=lora_alpha, lm_head=lm_head,
-                         lora_dropout=lora_dropout)
+        return build_net(copy.deepcopy(backbone), tokenizer, **net_options(unit))
+
+    store = ResultStore(output)
+
+    def unit_config(unit: Unit) -> dict:
+        return {"options": unit_options(), "task": unit.task, "method": unit.method, "seed": unit.seed}
 
     changes = {"lr": lr, "optimizer": "adamw", "weight_decay": 0.0, "schedule": "constant", "warmup_steps": 0,
                "batch_size": batch_size, "num_particles": particles, "epochs": None}
@@ -184,26 +200,32 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
         test = split.test[:max_test] if max_test else split.test
         loader = DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=collate,
                             generator=torch.Generator().manual_seed(unit.seed))
-        fit_options = {"steps": steps, "preset": run_preset, "progress": True}
+        fit_options = {"steps": steps, "preset": run_preset, "progress": True,
+                       **snapshots(store.resume_path(unit, unit_config(unit)), checkpoint_every)}
+        rebuild = {"experiment": "commonsense", "backbone": {"name": model_name, "load_in_8bit": load_in_8bit},
+                   "net": net_options(unit),
+                   "data": {"task": unit.task, "source": source, "test_file": test_file, "max_length": max_length,
+                            "batch_size": batch_size, "max_test": max_test}}
         anchor = DataLoader([train[i] for i in anchor_indices(len(train), tfb_anchor_size, unit.seed)],
                             batch_size=batch_size, collate_fn=collate)
         post_hoc_steps = {"tfb": tfb_step(anchor, tolerance=tfb_tolerance, metric=tfb_metric,
                                           num_samples=tfb_samples, seed=unit.seed, device=device)
                           } if "tfb" in post_hoc else {}
         record = train_and_evaluate(
-            unit, build_net=partial(fresh_net, unit.task, METHODS[unit.method].adapter), train_loader=loader,
+            unit, build_net=partial(fresh_net, unit), train_loader=loader,
             test_loader=lambda: DataLoader(test, batch_size=batch_size, collate_fn=collate), num_data=len(train),
             fit_options=fit_options, num_samples=num_samples, output=output, device=device, precision=precision,
             post_hoc=post_hoc_steps,
+            rebuild=canonical_config(rebuild),
         )
         return {**record, "data": {"train": len(train), "test": len(test), "dropped": split.dropped,
                                    "n_choices": split.n_choices}}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
-    check_post_hoc(ResultStore(output), units, post_hoc)
+    check_post_hoc(store, units, post_hoc)
     with grid_processes(distributed_mode, shard, device) as shard:
-        records = with_post_hoc(run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True),
-                                         shard=shard, reclaim=reclaim), post_hoc)
+        records = with_post_hoc(run_grid(units, run_unit, store, unit_config=unit_config, shard=shard,
+                                         reclaim=reclaim, echo=lambda m: click.echo(m, err=True)), post_hoc)
     if not summary_writer(distributed_mode):
         return
     config = {
@@ -218,7 +240,7 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
     }
     rows = write_summary(output, records, config, metrics=("accuracy", "ece", "nll", "brier"))
     click.echo(report(rows, records))
-    click.echo(f"\nresults: {output / 'results.json'}, {output / 'results.csv'}")
+    click.echo(f"\nresults: {output / 'results.json'}, {output / 'results.csv'}; report: {write_report(output)}")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,78 +17,18 @@ import pyro
 import torch
 
 from .. import distributed
+from ..checkpoint import save_checkpoint
 from ..evaluation import fixed_draws
 from ..io import write_csv, write_json
 from ..methods import METHODS
-from ..metrics import ensemble_probs, evaluate_predictions
+from ..metrics import EnsembleMode, calibration_bins, ensemble_probs, evaluate_predictions
 from ..model import BayesianLoRA
 from ..posterior import Posterior
 from ..precision import AUTOCAST_DTYPES, Precision
 from ..predictive import predict_loader
 from ..train import fit
 from .plots import reliability_diagram
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One training run: a method on a task with a seed."""
-
-    task: str
-    method: str
-    seed: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.task}__{self.method}__seed{self.seed}"
-
-
-class ResultStore:
-    """One JSON record per finished unit under ``<folder>/runs/``, each written atomically.
-
-    A unit whose record exists is finished; an interrupted grid resumes at the first unit without one. Several
-    processes (shards, machines on a shared file system) can fill one store: a process runs a unit only after
-    :meth:`claim` created its claim file ``runs/<key>.claim`` exclusively (``O_CREAT | O_EXCL``), so no unit runs
-    twice; the claim is removed when the record is saved or the run fails. A claim left by a crashed process
-    keeps the unit from running until :meth:`release` removes it (the CLIs' ``--reclaim``).
-    """
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.runs = self.folder / "runs"
-
-    def path(self, unit: Unit) -> Path:
-        return self.runs / f"{unit.key}.json"
-
-    def claim_path(self, unit: Unit) -> Path:
-        return self.runs / f"{unit.key}.claim"
-
-    def done(self, unit: Unit) -> bool:
-        return self.path(unit).is_file()
-
-    def claim(self, unit: Unit) -> bool:
-        """Create the unit's claim file (who and when); False when another process holds it."""
-        self.runs.mkdir(parents=True, exist_ok=True)
-        try:
-            handle = os.open(self.claim_path(unit), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        with os.fdopen(handle, "w") as file:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, file)
-        return True
-
-    def release(self, unit: Unit) -> None:
-        """Remove the unit's claim (no-op without one)."""
-        self.claim_path(unit).unlink(missing_ok=True)
-
-    def load(self, unit: Unit) -> dict[str, Any]:
-        path = self.path(unit)
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"result file {path} is corrupted ({error}); delete it to rerun that unit") from error
-
-    def save(self, unit: Unit, record: dict[str, Any]) -> Path:
-        return write_json(self.path(unit), {"task": unit.task, "method": unit.method, "seed": unit.seed, **record})
+from .store import ResultStore, Unit, canonical_config, config_differences, config_hash
 
 
 @dataclass(frozen=True)
@@ -128,17 +66,21 @@ def run_grid(
     run_unit: Callable[[Unit], dict[str, Any]],
     store: ResultStore,
     *,
+    unit_config: Callable[[Unit], dict[str, Any]],
     echo: Callable[[str], None] = print,
     shard: Shard | None = None,
     reclaim: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every unfinished unit (of ``shard``, if given) in order, saving each record as soon as it finishes;
-    return the records of every finished unit of the grid, in grid order.
+    """Run every unit (of ``shard``, if given) without a reusable record, in order, saving each record as soon as
+    it finishes; return the records of every finished unit of the grid, in grid order.
 
-    A unit claimed by another process (:meth:`ResultStore.claim`) is skipped. ``reclaim`` first removes the
-    claims of this shard's unfinished units (after a crash; only when no other process works on them).
-    Under a distributed mode (:func:`pyro_ibdr.distributed.mode`) the processes of the group run every unit
-    together: rank 0 checks and claims, tells the others, and alone saves the records.
+    ``unit_config(unit)`` is the unit's full configuration: every setting that can change its numbers
+    (plain JSON values). A stored record is reused only when it was made with the same configuration
+    (equal hashes); otherwise it is set aside under ``runs/old/`` with its files, the message names what
+    changed, and the unit is trained again. A unit claimed by another process (:meth:`ResultStore.claim`) is
+    skipped. ``reclaim`` first removes the claims of this shard's unfinished units (after a crash; only when no
+    other process works on them). Under a distributed mode (:func:`pyro_ibdr.distributed.mode`) the processes of
+    the group run every unit together: rank 0 checks and claims, tells the others, and alone saves the records.
     """
     units = list(units)
     mine = shard.select(units) if shard is not None else units
@@ -148,28 +90,49 @@ def run_grid(
             if not store.done(unit):
                 store.release(unit)
     for unit in mine:
-        action = ("reuse" if store.done(unit) else "run" if store.claim(unit) else "skip") if main else None
+        config = canonical_config(unit_config(unit))
+        action = _reuse_or_claim(store, unit, config, echo) if main else None
         action = distributed.broadcast_object(action) if distributed.mode() is not None else action
         if action == "reuse":
-            echo(f"[{unit.key}] finished earlier: reusing its result")
-        elif action == "skip":
+            continue
+        if action == "skip":
             echo(f"[{unit.key}] claimed by another process ({store.claim_path(unit)}): skipping it; after a crash "
                  "rerun with --reclaim")
-        else:
-            echo(f"[{unit.key}] running")
-            try:
-                record = run_unit(unit)
-                if main:
-                    store.save(unit, record)
-            finally:
-                if main:
-                    store.release(unit)
+            continue
+        echo(f"[{unit.key}] running")
+        try:
+            if main:
+                store.clear_resume(unit, keep=store.resume_path(unit, config))
+            record = run_unit(unit)
+            if main:
+                store.save(unit, record, config)
+                store.clear_resume(unit)
+        finally:
+            if main:
+                store.release(unit)
     distributed.barrier()
     finished = [unit for unit in units if store.done(unit)]
     if len(finished) < len(units):
         echo(f"{len(units) - len(finished)} of {len(units)} units are not finished (other shards or processes): "
              "the summary covers the finished ones; rerun any shard once all are done for the full summary")
     return [store.load(unit) for unit in finished]
+
+
+def _reuse_or_claim(store: ResultStore, unit: Unit, config: dict[str, Any], echo: Callable[[str], None]) -> str:
+    """``"reuse"`` a stored record made with ``config``; else ``"run"`` when this process claims the unit (a stored
+    record of another configuration is then set aside); else ``"skip"``."""
+    stored = store.load(unit) if store.done(unit) else None
+    if stored is not None and stored.get("config_hash") == config_hash(config):
+        echo(f"[{unit.key}] finished earlier with the same configuration: reusing its result")
+        return "reuse"
+    if not store.claim(unit):
+        return "skip"
+    if stored is not None:
+        changes = config_differences(stored.get("config", {}), config)
+        aside = store.set_aside(unit, stored)
+        echo(f"[{unit.key}] the stored result has another configuration ({'; '.join(changes[:6])}"
+             f"{'; ...' if len(changes) > 6 else ''}): moved to {aside}; training again")
+    return "run"
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -306,6 +269,21 @@ def cli_options() -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path | Shard) else v) for k, v in click.get_current_context().params.items()}
 
 
+#: Options that set the grid's extent or how it runs, never what one unit computes.
+NOT_UNIT_CONFIGURATION = ("tasks", "methods", "seeds", "output", "threads", "checkpoint_every", "shard", "reclaim")
+
+
+def unit_options() -> dict[str, Any]:
+    """The running command's options that can change a unit's numbers (:func:`cli_options` without
+    :data:`NOT_UNIT_CONFIGURATION`), for the unit configuration that decides whether a stored result is reused."""
+    return {k: v for k, v in cli_options().items() if k not in NOT_UNIT_CONFIGURATION}
+
+
+def snapshots(path: Path, every: int) -> dict[str, Any]:
+    """fit() options that snapshot the run to ``path`` every ``every`` epochs (none for 0)."""
+    return {"checkpoint": path, "checkpoint_every": every} if every else {}
+
+
 def write_summary(folder: str | Path, records: Sequence[dict[str, Any]], config: dict[str, Any],
                   metrics: Sequence[str]) -> list[dict[str, Any]]:
     """``results.json`` (configuration, every record, summary) and ``results.csv`` (summary rows)."""
@@ -323,6 +301,38 @@ def precision_option(command: Callable) -> Callable:
                              "metrics stay float32.")(command)
 
 
+#: Equal-width confidence bins of every ECE and reliability diagram the experiments report.
+N_BINS = 15
+
+
+def score(model: BayesianLoRA, posterior: Posterior, loader: Iterable, *, num_samples: int | None, seed: int,
+          ensemble: EnsembleMode | None = None, device: str | torch.device | None = None,
+          precision: Precision = "fp32") -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """The posterior predictive of ``model`` on ``loader`` with S = ``posterior.num_draws(num_samples)`` draws fixed
+    by ``seed``, combined by ``ensemble`` (default: the posterior's own ``prediction`` mode), under ``precision``.
+
+    Returns (metrics, ensemble probabilities (N, C), targets (N,)). The metrics are those of
+    :func:`pyro_ibdr.metrics.evaluate_predictions` (ECE as a fraction over :data:`N_BINS` bins) plus
+    ``ensemble``, ``num_samples``, ``n_bins`` and ``calibration``: the ensemble's per-bin ``count``,
+    ``accuracy`` and ``confidence`` (N_BINS + 1 entries, the last for confidence exactly 1, as in
+    :class:`pyro_ibdr.metrics.CalibrationBins`), from which reports redraw reliability diagrams.
+    """
+    samples, ensemble = posterior.num_draws(num_samples), ensemble or posterior.prediction
+    draws = fixed_draws(posterior, samples, seed=seed)
+    probs, targets = predict_loader(model, draws, loader, samples, device=device, seed=seed, precision=precision)
+    mean = ensemble_probs(probs, ensemble)
+    bins = calibration_bins(mean, targets, N_BINS)
+    metrics = {
+        **evaluate_predictions(probs, targets, n_bins=N_BINS, mode=ensemble),
+        "ensemble": ensemble,
+        "num_samples": samples,
+        "n_bins": N_BINS,
+        "calibration": {"count": bins.count.tolist(), "accuracy": bins.accuracy.tolist(),
+                        "confidence": bins.confidence.tolist()},
+    }
+    return metrics, mean, targets
+
+
 #: A post-hoc step on a trained posterior: (model, posterior) -> (new posterior, JSON-ready facts about it), or
 #: None when the step does not apply to that posterior (e.g. TFB on a posterior that is not point masses).
 PostHoc = Callable[[BayesianLoRA, Posterior], tuple[Posterior, dict[str, Any]] | None]
@@ -331,20 +341,17 @@ PostHoc = Callable[[BayesianLoRA, Posterior], tuple[Posterior, dict[str, Any]] |
 def _evaluate(model: BayesianLoRA, posterior: Posterior, unit: Unit, *, test_loader: Callable[[], Iterable],
               num_samples: int, output: Path | None, device: str | torch.device, precision: Precision
               ) -> dict[str, Any]:
-    """Test metrics of one posterior (fixed draws, its own prediction mode), the evaluation time, and its
-    reliability diagram. Point masses are evaluated on each particle once, others with ``num_samples`` draws."""
+    """Test metrics of one posterior (:func:`score`), the evaluation time, and its reliability diagram (drawn by
+    the main process). Point masses are evaluated on each particle once, others with ``num_samples`` draws."""
     start = time.perf_counter()
     requested = None if posterior.natural_num_samples else num_samples
-    draws = fixed_draws(posterior, requested, seed=unit.seed)
-    samples, ensemble = posterior.num_draws(requested), posterior.prediction
-    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device, seed=unit.seed,
-                                    precision=precision)
-    metrics = {**evaluate_predictions(probs, targets, mode=ensemble), "ensemble": ensemble, "num_samples": samples}
+    metrics, probs, targets = score(model, posterior, test_loader(), num_samples=requested, seed=unit.seed,
+                                    device=device, precision=precision)
     eval_seconds = time.perf_counter() - start
     if output is not None and distributed.is_main_process():
-        reliability_diagram(ensemble_probs(probs, ensemble), targets,
-                            Path(output) / "reliability" / f"{unit.key}.png", title=f"{unit.method} on {unit.task}")
-    return {"metrics": metrics, "test_samples": samples, "eval_time_s": eval_seconds}
+        reliability_diagram(probs, targets, ResultStore(output).reliability_path(unit), n_bins=N_BINS,
+                            title=f"{unit.method} on {unit.task}")
+    return {"metrics": metrics, "test_samples": metrics["num_samples"], "eval_time_s": eval_seconds}
 
 
 def train_and_evaluate(
@@ -360,6 +367,7 @@ def train_and_evaluate(
     device: str | torch.device = "cpu",
     post_hoc: dict[str, PostHoc] | None = None,
     precision: Precision = "fp32",
+    rebuild: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit ``unit.method`` on a fresh LoRA model, then evaluate it once on the test loader.
 
@@ -367,12 +375,17 @@ def train_and_evaluate(
     posteriors are evaluated on each particle once; others with ``num_samples`` draws (``Posterior.num_draws``);
     the ensemble combines them in the posterior's own prediction mode.
     ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) is the autocast setting of training and prediction.
-    Returns a JSON-ready record: test metrics, the cost of training, the per-epoch history and method state.
+    Returns a JSON-ready record: test metrics (:func:`score`), the cost of training, the per-epoch history and
+    method state. With ``output``, the reliability diagram and the posterior are written there
+    (:class:`~pyro_ibdr.experiments.store.ResultStore` layout); the posterior's checkpoint records the method,
+    its config, the optimiser, the prediction (ensemble mode, S, bins, precision), N and ``rebuild``: what
+    ``pyro-ibdr predict`` needs to build the network and read data again (plain values, written by the
+    experiment command).
     Each ``post_hoc`` step (e.g. ``{"tfb": ...}``) runs on the trained posterior, before any test data is
     read, and its result is evaluated the same way under ``record["post_hoc"][name]`` (``{"skipped": ...}``
     when it does not apply); :func:`with_post_hoc` turns these into rows of their own.
     Under a distributed mode (the grid commands' ``--distributed``) training uses the process group, prediction
-    splits the draws over it, and only rank 0 draws the diagram.
+    splits the draws over it, and only rank 0 writes files.
     """
     pyro.set_rng_seed(unit.seed)  # the LoRA initialisation must not depend on the units that ran before
     model = BayesianLoRA(build_net().to(device), num_data=num_data)
@@ -386,7 +399,21 @@ def train_and_evaluate(
     evaluation = partial(_evaluate, model, test_loader=test_loader, num_samples=num_samples,
                          output=output, device=device, precision=precision)
     evaluated = evaluation(result.posterior, unit)
+    files = {}
+    if output is not None and distributed.is_main_process():
+        store = ResultStore(output)
+        optim = fit_options.get("optim")
+        metrics = evaluated["metrics"]
+        config = {"rebuild": rebuild or {}, "task": unit.task, "num_data": num_data, "method_config": result.config,
+                  "optim": asdict(optim) if optim is not None else None, "preset": result.preset,
+                  "steps": result.steps,
+                  "prediction": {"ensemble": metrics["ensemble"], "num_samples": metrics["num_samples"],
+                                 "n_bins": N_BINS, "precision": precision}}
+        path = save_checkpoint(store.posterior_path(unit), result.posterior, spec=model.spec, method=result.method,
+                               config=config, seed=unit.seed, state=result.state)
+        files["posterior"] = path.relative_to(store.folder).as_posix()
     record = {
+        **files,
         "metrics": evaluated["metrics"],
         "cost": {
             "steps": result.steps,
@@ -398,6 +425,7 @@ def train_and_evaluate(
             "peak_memory_mb": result.peak_memory_mb,
             "eval_time_s": evaluated["eval_time_s"],
             "trainable_parameters": model.dim,
+            "resumed_at_step": result.resumed_at_step,
         },
         "history": result.history,
         "state": _json_ready(result.state),

@@ -44,13 +44,17 @@ from pyro_ibdr.experiments.grid import (
     precision_option,
     report,
     run_grid,
+    snapshots,
     summary_writer,
     train_and_evaluate,
+    unit_options,
     with_post_hoc,
     write_summary,
 )
 from pyro_ibdr.experiments.options import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED
 from pyro_ibdr.experiments.post_hoc import anchor_indices, post_hoc_options, tfb_step
+from pyro_ibdr.experiments.report import write_report
+from pyro_ibdr.experiments.store import canonical_config
 from pyro_ibdr.experiments.vision import (
     DEFAULT_VIT,
     create_offline_vit,
@@ -65,6 +69,7 @@ from pyro_ibdr.methods.base import Adapter
 from pyro_ibdr.presets import OFFICIAL, PRESETS, Preset, get_preset
 
 VTAB_TASKS = [name for name in TASKS if name != "cifar10"]
+TEST_BATCH_SIZE = 128
 OFFLINE_TASK = "cifar10"
 
 
@@ -147,13 +152,16 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--max-test", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first N test images only (default 1000 offline, all otherwise).")
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: all cores).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=1,
+              help="Epochs between training snapshots in <output>/resume (0: none); a rerun continues an "
+                   "interrupted run from its last snapshot, to the same numbers.")
 @precision_option
 @parallel_options
 @post_hoc_options(anchor_size=256)
 def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model_name, checkpoint, pretrained, device,
          output, preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, lora_dropout, sigma,
          diversity_weight, rho, num_samples, select, max_test, threads, precision, post_hoc, tfb_tolerance, tfb_metric,
-         tfb_anchor_size, tfb_samples, distributed_mode, shard, reclaim) -> None:
+         tfb_anchor_size, tfb_samples, distributed_mode, shard, reclaim, checkpoint_every) -> None:
     """Fine-tune a ViT on VTAB-1k tasks with IBDR and baselines; print and save accuracy/ECE tables."""
     check_methods(methods)
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -221,7 +229,13 @@ def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model
         data = dataset(task, eval_split)
         if max_test is not None:
             data = torch.utils.data.Subset(data, range(min(max_test, len(data))))
-        return DataLoader(data, batch_size=128)
+        return DataLoader(data, batch_size=TEST_BATCH_SIZE)
+
+    store = ResultStore(output)
+
+    def unit_config(unit: Unit) -> dict:
+        return {"options": unit_options(), "task": unit.task, "method": unit.method, "seed": unit.seed,
+                "data_dir": str(data_dir), "settings": task_settings(unit.task)}
 
     def run_unit(unit: Unit) -> dict:
         p = task_preset(unit.task)
@@ -232,29 +246,34 @@ def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model
             p.make_schedule(p.epochs * len(loader))
         except ValueError as error:
             raise click.UsageError(f"{unit.task}: {error}") from error
-        fit_options = {"epochs": p.epochs, "preset": p, "progress": True, "callbacks": [partial(log_epoch, unit)]}
+        fit_options = {"epochs": p.epochs, "preset": p, "progress": True, "callbacks": [partial(log_epoch, unit)],
+                       **snapshots(store.resume_path(unit, unit_config(unit)), checkpoint_every)}
         chosen_rank, chosen_alpha = lora_shape(unit.task)
-        net = partial(build_net, unit.task, adapter=METHODS[unit.method].adapter, offline=offline,
-                      model_name=model_name, checkpoint=checkpoint,
-                      pretrained=pretrained, img_size=img_size, rank=chosen_rank, lora_alpha=chosen_alpha,
-                      targets=lora_targets, lora_dropout=lora_dropout)
+        net_options = {"task": unit.task, "adapter": METHODS[unit.method].adapter, "offline": offline,
+                       "model_name": model_name, "checkpoint": checkpoint, "pretrained": pretrained,
+                       "img_size": img_size, "rank": chosen_rank, "lora_alpha": chosen_alpha,
+                       "targets": lora_targets, "lora_dropout": lora_dropout}
+        rebuild = {"experiment": "vtab", "preset": p.name, "net": net_options,
+                   "data": {"data_dir": data_dir, "task": unit.task, "split": eval_split, "img_size": img_size,
+                            "normalization": normalization, "batch_size": TEST_BATCH_SIZE, "max_test": max_test}}
         plain = copy.copy(train)
         plain.augment = None  # the TFB anchor set: training images without augmentation
         anchor = DataLoader(Subset(plain, anchor_indices(len(plain), tfb_anchor_size, unit.seed)), batch_size=128)
         steps = {"tfb": tfb_step(anchor, tolerance=tfb_tolerance, metric=tfb_metric, num_samples=tfb_samples,
                                  seed=unit.seed, device=device)} if "tfb" in post_hoc else {}
         samples = num_samples or METHODS[unit.method].config_class.test_samples or p.num_particles
-        record = train_and_evaluate(unit, build_net=net, train_loader=loader,
+        record = train_and_evaluate(unit, build_net=partial(build_net, **net_options), train_loader=loader,
                                     test_loader=partial(test_loader, unit.task), num_data=len(train),
                                     fit_options=fit_options, num_samples=samples,
-                                    output=output, device=device, precision=precision, post_hoc=steps)
+                                    output=output, device=device, precision=precision, post_hoc=steps,
+                                    rebuild=canonical_config(rebuild))
         return {**record, "settings": {**task_settings(unit.task), "eval_split": eval_split}}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
-    check_post_hoc(ResultStore(output), units, post_hoc)
+    check_post_hoc(store, units, post_hoc)
     with grid_processes(distributed_mode, shard, device) as shard:
-        records = with_post_hoc(run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True),
-                                         shard=shard, reclaim=reclaim), post_hoc)
+        records = with_post_hoc(run_grid(units, run_unit, store, unit_config=unit_config, shard=shard,
+                                         reclaim=reclaim, echo=lambda m: click.echo(m, err=True)), post_hoc)
     if not summary_writer(distributed_mode):
         return
     config = {
@@ -269,7 +288,8 @@ def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model
     }
     rows = write_summary(output, records, config, metrics=("accuracy", "ece", "nll", "brier"))
     click.echo(report(rows, records))
-    click.echo(f"\nresults: {output / 'results.json'}, {output / 'results.csv'}; diagrams: {output / 'reliability'}")
+    click.echo(f"\nresults: {output / 'results.json'}, {output / 'results.csv'}; diagrams: {output / 'reliability'}; "
+               f"report: {write_report(output)}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from ..functional import Inputs, batch_size
 from ..model import BayesianLoRA
 from ..posterior import Posterior
 from ..registry import register_subclass
+from ..resume import load_param_store_state, param_store_state
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -75,12 +76,20 @@ class OptimSettings:
 
 
 def set_learning_rate(optim: pyro.optim.PyroOptim, lr: float) -> None:
-    """Set the rate of every torch optimiser inside a Pyro optimiser, and of those it creates later."""
+    """Set the rate of every torch optimiser inside a Pyro optimiser, and of those it creates later.
+
+    Pyro creates a parameter's torch optimiser at its first step and only then loads a state given by
+    ``set_state``; the rate stored in such a pending state is set too, or that first step would use the
+    rate of the step before the snapshot.
+    """
     if isinstance(optim.pt_optim_args, dict):
         optim.pt_optim_args["lr"] = lr
+    pending = [state.get("optimizer", state) for state in optim._state_waiting_to_be_consumed.values()]
+    groups = [group for state in pending for group in state["param_groups"]]
     for torch_optim in optim.optim_objs.values():
-        for group in torch_optim.param_groups:
-            group["lr"] = lr
+        groups += torch_optim.param_groups
+    for group in groups:
+        group["lr"] = lr
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,12 @@ class Method(ABC):
     the method supports; building it inside another mode is an error naming the supported ones. A data-parallel
     step receives this process's shard of the batch and must leave every process with the update of the whole
     batch; SVI-based methods get that from :func:`distributed_svi`.
+
+    Resuming (``fit(..., checkpoint=...)``) works for a new method without extra code when its training
+    state is Pyro's param store and ``self.optim``. Otherwise it extends :meth:`state_dict` and
+    :meth:`load_state_dict` with the rest (step counters, chains, dual variables, generators), and a method
+    that sets itself up lazily from the first batch while drawing random numbers (autoguide prototypes)
+    does that in :meth:`prepare`.
     """
 
     name: ClassVar[str]
@@ -208,6 +223,15 @@ class Method(ABC):
         args, kwargs = self._init_arguments
         type(self).__init__(self, *args, **kwargs)
 
+    def prepare(self, x: Inputs, y: torch.Tensor) -> None:
+        """Build what the method sets up lazily from a first batch (e.g. an autoguide's prototype trace).
+
+        :func:`~pyro_ibdr.fit` calls it on the first batch of every run segment (a fresh start and each
+        resumption) with torch's generators forked, so that the set-up draws nothing from the streams the
+        training steps use and a resumed run draws what an uninterrupted one does. Default: nothing.
+        """
+        return None
+
     def objective_units(self) -> poutine.messenger.Messenger:
         """A context that puts the model's and guide's log-densities in the units of
         ``optim.objective_scale`` (``poutine.scale``); SVI-based methods run their steps inside it."""
@@ -226,8 +250,61 @@ class Method(ABC):
         """
 
     def state(self) -> dict[str, Any]:
-        """Extra state to checkpoint besides the posterior (e.g. IBDR's λ)."""
+        """Extra state to report and checkpoint with the posterior (e.g. IBDR's λ and settings)."""
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training exactly from here (what :func:`~pyro_ibdr.fit` snapshots).
+
+        The default covers the common case, a method whose learned tensors live in Pyro's param store and
+        which steps them with ``self.optim``: the param store (unconstrained values and constraint names), the
+        optimiser's per-parameter state (``PyroOptim.get_state()``: Adam moments, momentum buffers, step
+        counts) and the current learning rate. A method that keeps training state anywhere else extends both
+        this and :meth:`load_state_dict` (counters, a Markov chain, a dual variable, its own generators)::
+
+            def state_dict(self):
+                return {**super().state_dict(), "num_steps": self.num_steps}
+
+            def load_state_dict(self, state):
+                super().load_state_dict(state)
+                self.num_steps = state["num_steps"]
+
+        Values must be tensors or plain Python values (the snapshot is read with ``weights_only=True``).
+
+        :raises NotImplementedError: when the method keeps a ``torch.nn.Parameter`` or a ``torch.optim.Optimizer``
+            in an attribute but does not override this method (that state would be lost on resuming).
+        """
+        self.check_resumable()
+        return {
+            "param_store": param_store_state(),
+            "optim": self.optim.get_state() if self.optim is not None else {},
+            "lr": self.lr,
+        }
+
+    def check_resumable(self) -> None:
+        """Refuse snapshots that would silently lose training state: a method keeping a ``torch.nn.Parameter`` or
+        a ``torch.optim.Optimizer`` outside Pyro's param store must override :meth:`state_dict` and
+        :meth:`load_state_dict`.
+
+        :raises NotImplementedError: naming the attributes the default does not save.
+        """
+        if type(self).state_dict is not Method.state_dict:
+            return
+        unsaved = sorted(name for name, value in vars(self).items()
+                         if isinstance(value, torch.nn.Parameter | torch.optim.Optimizer))
+        if unsaved:
+            raise NotImplementedError(
+                f"{type(self).__name__} ({self.name!r}) keeps training state in {', '.join(unsaved)}, which the "
+                "default Method.state_dict does not save; it cannot be resumed from a snapshot until it overrides "
+                "state_dict/load_state_dict (run it without checkpoint=/--checkpoint-every 0)"
+            )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into a freshly built method (same model, config and optimiser settings)."""
+        load_param_store_state(state["param_store"], self.model.theta0.device)
+        if self.optim is not None:
+            self.optim.set_state(state["optim"])
+        self.set_lr(state["lr"])
 
 
 class _ReducedGradients:

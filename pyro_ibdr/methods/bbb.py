@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -164,3 +165,11 @@ class BayesByBackprop(Method):
 
     def state(self) -> dict[str, float | int]:
         return {"num_steps": self.num_steps, "kl_weight": self.kl_weight}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The default (param store, optimiser, rate) and the step count that sets the KL weight."""
+        return {**super().state_dict(), "num_steps": self.num_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.num_steps = int(state["num_steps"])

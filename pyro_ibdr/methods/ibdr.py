@@ -109,3 +109,11 @@ class IBDR(Method):
 
     def state(self) -> dict[str, Any]:
         return self.loss.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The default (param store, optimiser, rate) and the loss's dual variable λ."""
+        return {**super().state_dict(), "loss": self.loss.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.loss.load_state_dict(state["loss"])

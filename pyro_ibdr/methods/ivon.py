@@ -124,6 +124,24 @@ class IVON(Method):
     def posterior(self) -> Posterior:
         return GaussianPosterior(*self.loc_scale())
 
+    def state_dict(self) -> dict[str, Any]:
+        """The optimiser's mean m, momentum ĝ, Hessian estimate h and step count, with the rate and step counter
+        (between steps ivon-opt keeps no other state: its per-step sample averages are reset by every step)."""
+        group = self.group
+        return {"theta": self.theta.detach().clone(), "momentum": group["momentum"].clone(),
+                "hess": group["hess"].clone(), "current_step": int(self.optimizer.current_step),
+                "num_steps": self.num_steps, "lr": self.lr}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        group = self.group
+        with torch.no_grad():
+            self.theta.copy_(state["theta"])
+        group["momentum"] = state["momentum"].to(self.theta.device)
+        group["hess"] = state["hess"].to(self.theta.device)
+        self.optimizer.current_step = state["current_step"]
+        self.num_steps = state["num_steps"]
+        self.set_lr(state["lr"])
+
     def state(self) -> dict[str, Any]:
         group = self.group
         return {"num_steps": self.num_steps, "ess": float(group["ess"]), "weight_decay": float(group["weight_decay"]),

@@ -68,6 +68,11 @@ class MAP(Method):
     def passes_per_step(self) -> int:
         return 1
 
+    def prepare(self, x: Inputs, y: torch.Tensor) -> None:
+        """Trace the model once to set up the AutoDelta guide (its prototype draws dropout masks, if any)."""
+        if self.guide.prototype_trace is None:
+            self.guide(x, y)
+
     def step(self, x: Inputs, y: torch.Tensor) -> dict[str, float]:
         check_stored_param(f"{type(self.guide).__name__}.{THETA}", (self.model.dim,))  # AutoDelta's parameter name
         with self.objective_units():

@@ -104,3 +104,18 @@ class SGLD(Method):
 
     def state(self) -> dict[str, Any]:
         return {"theta": self.theta.clone(), "num_steps": self.num_steps}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The chain's state θ, the kept samples, the step count, the noise generator and the rate (no param
+        store, no optimiser)."""
+        return {"theta": self.theta.clone(), "samples": [s.clone() for s in self.samples], "num_steps": self.num_steps,
+                "generator": self.generator.get_state(), "lr": self.lr}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.theta.device
+        self.theta = state["theta"].to(device)
+        self.samples.clear()
+        self.samples.extend(sample.to(device) for sample in state["samples"])
+        self.num_steps = int(state["num_steps"])
+        self.generator.set_state(state["generator"])
+        self.set_lr(state["lr"])

@@ -157,6 +157,11 @@ class SteinVGD(Method):
     def passes_per_step(self) -> int:
         return self.num_particles
 
+    def prepare(self, x: Inputs, y: torch.Tensor) -> None:
+        """Set up Pyro's SVGD guide, whose prototype trace draws θ from the prior (``init_to_sample``)."""
+        if self.svgd.guide.prototype_trace is None:
+            self.svgd.guide(x, y)
+
     def step(self, x: Inputs, y: torch.Tensor) -> dict[str, float]:
         if self.num_steps == 0:
             # Pyro's guide would start from prior draws. Its parameter is the flat (K·1·D) vector of unconstrained
@@ -180,6 +185,15 @@ class SteinVGD(Method):
 
     def posterior(self) -> Posterior:
         return ParticlePosterior(self.particles())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The default (the particles in the param store, optimiser, rate) and the step count, which says
+        whether the particles were already placed at their LoRA initialisations."""
+        return {**super().state_dict(), "num_steps": self.num_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.num_steps = int(state["num_steps"])
 
     def state(self) -> dict[str, Any]:
         return {
