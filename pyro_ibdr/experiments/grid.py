@@ -21,7 +21,7 @@ from ..metrics import ensemble_probs, evaluate_predictions
 from ..model import BayesianLoRA
 from ..posterior import ParticlePosterior, Posterior
 from ..predictive import predict_loader
-from ..train import fit
+from ..train import fit, peak_memory_mb
 from .plots import reliability_diagram
 
 
@@ -203,14 +203,7 @@ def train_and_evaluate(
     model = BayesianLoRA(build_net().to(device), num_data=num_data)
     result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, **fit_options)
     samples = test_time_samples(result.posterior, num_samples)
-    start = time.perf_counter()
-    draws = fixed_draws(result.posterior, samples, seed=unit.seed)
-    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device)
-    metrics = {**evaluate_predictions(probs, targets, mode=ensemble), "ensemble": ensemble, "num_samples": samples}
-    eval_seconds = time.perf_counter() - start
-    if output is not None:
-        reliability_diagram(ensemble_probs(probs, ensemble), targets,
-                            Path(output) / "reliability" / f"{unit.key}.png", title=f"{unit.method} on {unit.task}")
+    metrics, eval_seconds = _evaluate(unit, model, result.posterior, test_loader, samples, ensemble, output, device)
     return {
         "metrics": metrics,
         "cost": {
@@ -227,6 +220,45 @@ def train_and_evaluate(
         "history": result.history,
         "state": _json_ready(result.state),
     }
+
+
+def evaluate_untrained(
+    unit: Unit,
+    *,
+    build_net: Callable[[], torch.nn.Module],
+    test_loader: Callable[[], Iterable],
+    num_data: int,
+    output: Path | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """The zero-shot baseline: the network at its LoRA initialisation θ₀ (B = 0, so the pretrained network
+    itself), scored through the same classifier, predictive and metrics as the trained methods.
+
+    Returns a record shaped as :func:`train_and_evaluate`'s, with zero training cost.
+    """
+    pyro.set_rng_seed(unit.seed)
+    model = BayesianLoRA(build_net().to(device), num_data=num_data)
+    posterior = ParticlePosterior(model.theta0[None])
+    metrics, eval_seconds = _evaluate(unit, model, posterior, test_loader, 1, "mean_probs", output, device)
+    cost = {"steps": 0, "wall_time_s": 0.0, "time_per_step_s": 0.0, "passes_per_step": 0,
+            "num_particles_or_samples": 1, "test_samples": 1, "peak_memory_mb": peak_memory_mb(torch.device(device)),
+            "eval_time_s": eval_seconds, "trainable_parameters": model.dim}
+    return {"metrics": metrics, "cost": cost, "history": [], "state": {}}
+
+
+def _evaluate(unit: Unit, model: BayesianLoRA, posterior: Posterior, test_loader: Callable[[], Iterable],
+              samples: int, ensemble: str, output: Path | None,
+              device: str | torch.device) -> tuple[dict[str, Any], float]:
+    """(test metrics, seconds) of ``samples`` fixed draws of ``posterior``; writes the reliability diagram."""
+    start = time.perf_counter()
+    draws = fixed_draws(posterior, samples, seed=unit.seed)
+    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device)
+    metrics = {**evaluate_predictions(probs, targets, mode=ensemble), "ensemble": ensemble, "num_samples": samples}
+    eval_seconds = time.perf_counter() - start
+    if output is not None:
+        reliability_diagram(ensemble_probs(probs, ensemble), targets,
+                            Path(output) / "reliability" / f"{unit.key}.png", title=f"{unit.method} on {unit.task}")
+    return metrics, eval_seconds
 
 
 def _json_ready(value: Any) -> Any:
