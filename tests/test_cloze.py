@@ -11,17 +11,9 @@ from pyro_ibdr import BayesianLoRA
 from pyro_ibdr.experiments.data import commonsense as cs
 from pyro_ibdr.experiments.data.commonsense import ClozeCollator, ClozeItem, MCRecord
 from pyro_ibdr.experiments.text import ClozeClassifier
-from tests._dummies.text import make_tokenizer, tiny_lm
+from tests._dummies.text import make_tokenizer, tiny_lm, train_and_score
 
 COLOURS = ["red", "green", "blue", "cat"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def item(context: str, answers: list[str], leads: list[str] | None = None, label: int = 0) -> MCRecord:
@@ -93,11 +85,12 @@ def test_collator_packs_the_context_once_and_masks_the_other_choices():
 
 def test_collator_truncates_the_context_and_names_bad_records():
     tok = make_tokenizer()
-    inputs, _ = ClozeCollator(tok, max_length=10)(RECORDS[1:2])  # BOS + 5 answer tokens: 4 of 6 context tokens
+    # each choice's own sequence fits in 7: BOS + 4 of the 6 context tokens + the longest answer (2 tokens)
+    inputs, _ = ClozeCollator(tok, max_length=7)(RECORDS[1:2])
     assert inputs["input_ids"].shape == (1, 10) and inputs["input_ids"][0, 0] == tok.bos_token_id
     assert tok.convert_ids_to_tokens(inputs["input_ids"][0, 1:5].tolist()) == ["the", "sun", "dog", "cat"]
-    with pytest.raises(ValueError, match=r"record 0: .*max_length 5"):
-        ClozeCollator(tok, max_length=5)(RECORDS[1:2])
+    with pytest.raises(ValueError, match=r"record 0: .*max_length 2"):
+        ClozeCollator(tok, max_length=2)(RECORDS[1:2])
     with pytest.raises(ValueError, match=r"record 1: .*every answer needs a token"):
         ClozeCollator(tok)([RECORDS[0], item("pick", [" red", "", " blue", " cat"])])
     with pytest.raises(ValueError, match="one number of choices"):
@@ -171,13 +164,5 @@ def test_lora_learns_the_colour_named_in_the_context():
     test_inputs, test_labels = batch(200)
     with torch.no_grad():
         before = (net(**test_inputs).argmax(-1) == test_labels).float().mean().item()
-    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(40):
-        inputs, labels = batch(16)
-        loss = torch.nn.functional.cross_entropy(net(**inputs), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        after = (net(**test_inputs).argmax(-1) == test_labels).float().mean().item()
+    after = train_and_score(net, batch)
     assert after > 0.6 and after > before + 0.2

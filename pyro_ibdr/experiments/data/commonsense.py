@@ -475,8 +475,9 @@ class ClozeCollator:
     ``input_ids``, ``position_ids`` ``(B, T)``; ``attend`` ``(B, T, T)`` bool; ``source``, ``target``,
     ``target_mask`` ``(B, C, L)`` (``L`` = the longest answer in tokens); ``lengths`` ``(B, C)``: the
     divisor of the summed log-likelihood, the answer's token count (``normalization="tokens"``) or its
-    character count (``"chars"``, OLMES's per-character normalisation). A row longer than ``max_length``
-    loses the *beginning* of its context; a leading BOS is kept.
+    character count (``"chars"``, OLMES's per-character normalisation). ``max_length`` bounds each choice's
+    own sequence (prefix + context + lead + answer, what the LM sees for that choice): a longer one loses the
+    *beginning* of the context; a leading BOS is kept. The packed row is longer by the other choices.
 
     Raises ``ValueError`` naming the record for an empty answer, choices that do not fit in ``max_length``,
     a first answer token with nothing before it, or records with different numbers of choices.
@@ -498,11 +499,12 @@ class ClozeCollator:
         context = self._encode([item.context])[0]
         leads = self._encode([lead for lead, _ in item.continuations])
         answers = self._encode([answer for _, answer in item.continuations])
-        room = self.max_length - len(self.prefix) - sum(map(len, leads)) - sum(map(len, answers))
+        room = self.max_length - len(self.prefix) - max(len(lead) + len(a) for lead, a in zip(leads, answers,
+                                                                                               strict=True))
         if room < 0 or not all(answers):
             raise ValueError(f"record {index}: choices of {[len(a) for a in answers]} answer and "
-                             f"{[len(lead) for lead in leads]} lead tokens; every answer needs a token and all must "
-                             f"fit in max_length {self.max_length} after {len(self.prefix)} prefix tokens")
+                             f"{[len(lead) for lead in leads]} lead tokens; every answer needs a token and each "
+                             f"choice must fit in max_length {self.max_length} after {len(self.prefix)} prefix tokens")
         head = self.prefix + context[max(len(context) - room, 0):]
         row = _PackedRow(list(head), list(range(len(head))), [-1] * len(head), [], [])
         for c, (lead, answer) in enumerate(zip(leads, answers, strict=True)):
