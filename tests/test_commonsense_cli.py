@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pyro_ibdr.experiments import commonsense
-from pyro_ibdr.experiments.data.commonsense import ClozeCollator, load_files
+from pyro_ibdr.experiments.data.commonsense import ClozeCollator, CommonsenseSplits, format_rows, get_task, load_files
 from pyro_ibdr.experiments.text import ClozeClassifier
 from tests._dummies.cli import assert_help_documents_every_option, error_message
 from tests._dummies.text import make_tokenizer, tiny_lm, write_jsonl
@@ -215,3 +215,35 @@ def test_a_device_without_hardware_is_refused(monkeypatch: pytest.MonkeyPatch) -
 def test_help_documents_every_option() -> None:
     assert len([p for p in commonsense.main.params if isinstance(p, click.Option)]) >= 23
     assert_help_documents_every_option(commonsense.main)
+
+
+def test_the_offline_default_runs_the_six_datasets_with_zero_shot_map_and_ibdr(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No data or model options: every paper dataset from the offline source, through the tiny Llama."""
+    asked = []
+
+    def offline(task: str, source: str, **files: Path) -> CommonsenseSplits:
+        asked.append((task, source, files))
+        kind, rows = ("boolq", _boolq_rows(10)) if get_task(task).n_choices == 2 else ("arc_easy", _arc_rows(10))
+        records, _ = format_rows(kind, rows)
+        return CommonsenseSplits(task, records[:6], records[6:], get_task(task).n_choices, 0)
+
+    def tiny_backbone(name: str, *, load_in_8bit: bool) -> tuple[object, torch.nn.Module, bool]:
+        assert (name, load_in_8bit) == (commonsense.OFFLINE_LM, False)
+        tokenizer = make_tokenizer()
+        return tokenizer, tiny_lm(len(tokenizer)), False
+
+    monkeypatch.setattr(commonsense, "load_commonsense", offline)
+    monkeypatch.setattr(commonsense, "load_backbone", tiny_backbone)
+    output = tmp_path / "out"
+    result = CliRunner().invoke(commonsense.main, ["--output", str(output), "--threads", "1", "--steps", "1",
+                                                  "--num-samples", "2"])
+    assert result.exit_code == 0, result.output
+    six = ["winogrande_s", "arc_challenge", "arc_easy", "winogrande_m", "obqa", "boolq"]
+    assert asked == [(task, "offline", {}) for task in six]
+    accuracy = next(line for line in result.stdout.splitlines() if line.startswith("accuracy"))
+    assert accuracy.split() == ["accuracy", "zero_shot", "map", "ibdr"]
+    saved = json.loads((output / "results.json").read_text())
+    assert saved["config"]["formulation"] == "cloze" and saved["config"]["eval_split"] == "test"
+    assert sorted((r["task"], r["method"]) for r in saved["runs"]) == sorted(
+        (task, method) for task in six for method in ("zero_shot", "map", "ibdr"))
