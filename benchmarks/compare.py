@@ -123,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--particles", type=int, default=4, help=f"K for {', '.join(PARTICLE_METHODS)}")
-    parser.add_argument("--test-samples", type=int, default=8, help="S posterior draws at test, for every method")
+    parser.add_argument("--test-samples", type=int, default=None,
+                        help="S posterior draws at test (default: point masses once each, 8 draws otherwise)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="peft's lora_dropout (mc_dropout needs > 0)")
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
             rows.append(pool.submit(run_method, name, config).result())
     print(f"digits, frozen MLP + LoRA r={args.rank}, {args.steps} steps, batch {args.batch_size}, lr {args.lr}, "
-          f"S={args.test_samples} test draws, seed {args.seed}, device {args.device}")
+          f"S={args.test_samples or 'default'} test draws, seed {args.seed}, device {args.device}")
     print(format_table(rows))
     if args.device == "cpu" and not args.in_process:
         print("peak_memory_mb: the run's process max RSS (includes the Python + torch runtime, "

@@ -13,13 +13,16 @@ from .methods import METHODS, OptimSettings, create_method
 from .model import BayesianLoRA
 from .params import ParamSpec, lora_only, trainable
 from .posterior import EmpiricalPosterior, GaussianPosterior, ParticlePosterior, Posterior
-from .predictive import predict_loader, predictive_probs
+from .predictive import posterior_predictive, predict_loader, predictive_probs
+from .presets import OFFICIAL, PAPER, Preset
 from .train import FitResult, fit
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "METHODS",
+    "OFFICIAL",
+    "PAPER",
     "BayesianLoRA",
     "EmpiricalPosterior",
     "FitResult",
@@ -31,6 +34,7 @@ __all__ = [
     "ParticleGuide",
     "ParticlePosterior",
     "Posterior",
+    "Preset",
     "create_method",
     "dpp_log_volume",
     "evaluate",
@@ -38,6 +42,7 @@ __all__ = [
     "fit",
     "load_checkpoint",
     "lora_only",
+    "posterior_predictive",
     "predict_loader",
     "predictive_probs",
     "save_checkpoint",

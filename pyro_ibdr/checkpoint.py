@@ -9,19 +9,17 @@ A checkpoint is one ``torch.save`` file holding only tensors and plain Python va
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .io import atomic_folder, atomic_write
 from .model import BayesianLoRA
-from .params import ParamSpec
+from .params import ParamSpec, assigned
 from .posterior import ParticlePosterior, Posterior
 
 #: Marks a file as a pyro_ibdr checkpoint; the number changes when the layout does.
@@ -162,30 +160,13 @@ def check_compatible(checkpoint: Checkpoint, model: BayesianLoRA) -> None:
 
 
 # ------------------------------------------------------------------------------------------ peft export
-@contextmanager
-def _loaded(net: nn.Module, spec: ParamSpec, theta: torch.Tensor) -> Iterator[None]:
-    """Copy θ into ``net``'s adapter tensors for the duration of the block, then restore the originals."""
-    params = dict(net.named_parameters())
-    values = spec.unflatten(theta.detach())
-    originals = {name: params[name].detach().clone() for name in spec.names}
-    try:
-        with torch.no_grad():
-            for name in spec.names:
-                params[name].copy_(values[name])
-        yield
-    finally:
-        with torch.no_grad():
-            for name, original in originals.items():
-                params[name].copy_(original)
-
-
 def _save_adapter(model: BayesianLoRA, theta: torch.Tensor, folder: Path) -> None:
     if theta.shape != (model.dim,):
         raise ValueError(f"theta must have shape ({model.dim},), got {tuple(theta.shape)}")
     save = getattr(model.net, "save_pretrained", None)
     if save is None:
         raise TypeError(f"the model's network ({type(model.net).__name__}) is not a peft model with save_pretrained")
-    with _loaded(model.net, model.spec, theta):
+    with assigned(model.net, model.spec, theta):
         save(str(folder))
 
 

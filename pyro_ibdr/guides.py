@@ -9,6 +9,7 @@ from pyro.distributions import constraints
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.runtime import get_plates
 
+from .initialisation import seeded_particles
 from .model import THETA, BayesianLoRA
 from .posterior import ParticlePosterior
 
@@ -17,16 +18,26 @@ class ParticleGuide:
     """Q = (1/K) Σ_i N(μ_i, σ² I) as a Pyro guide with reparameterised draws θ_i = μ_i + σ ε_i.
 
     Called inside a vectorising plate of size P (IBDRLoss's particle plate, ``Predictive(parallel=True)``,
-    ``Trace_ELBO(vectorize_particles=True)``), draw p comes from component p mod K: with P = K every
-    particle gets its own component, with P = S samples the draws are stratified over the components.
-    Outside any plate one component is picked uniformly at random.
+    ``Trace_ELBO(vectorize_particles=True)``), draw p comes from component p mod K, and P must be a multiple
+    of K: with P = K every particle gets its own component, with P = S samples each component gets exactly
+    S/K draws (exact stratification). Outside any plate one component is picked uniformly at random.
+
+    **Shared head.** With ``shared_head=True`` the entries of θ that belong to peft ``modules_to_save``
+    copies (:meth:`~pyro_ibdr.ParamSpec.head_mask`: the task head) are ONE set of parameters shared by all
+    particles, as in the IBDR authors' code: the param store holds μ's own entries as ``{name}.particle_loc``
+    (K, D_own) and the head as ``{name}.shared_loc`` (D_head,), and :attr:`loc` assembles the (K, D) means.
+    The shared entries then receive the sum of the particles' gradients. A model without ``modules_to_save``
+    entries has nothing to share (the setting changes nothing). Without sharing, μ is ``{name}.loc`` (K, D).
 
     :param model: the :class:`BayesianLoRA` model (gives D and the LoRA initialisation of μ).
     :param num_particles: K ≥ 1.
     :param sigma: σ ≥ 0; σ = 0 makes every component a point mass (particles are point estimates).
     :param learn_sigma: make σ a positive ``pyro.param`` (requires σ > 0).
-    :param init_loc: (K, D) initial means; default: K independent LoRA initialisations.
+    :param shared_head: share the ``modules_to_save`` entries of θ between the particles.
+    :param init_loc: (K, D) initial means; default: K independent LoRA initialisations
+        (:func:`~pyro_ibdr.initialisation.seeded_particles` with ``seed``, or the global RNG without one).
     :param name: prefix of this guide's names in Pyro's param store.
+    :param seed: seed of the initialisation (particle k from seed + k).
     """
 
     def __init__(
@@ -36,6 +47,7 @@ class ParticleGuide:
         sigma: float = 0.0,
         *,
         learn_sigma: bool = False,
+        shared_head: bool = False,
         init_loc: torch.Tensor | None = None,
         name: str = "particle_guide",
         seed: int | None = None,
@@ -52,17 +64,30 @@ class ParticleGuide:
         self.learn_sigma = learn_sigma
         self.name = name
         if init_loc is None:
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
-            init_loc = model.init_particles(self.num_particles, generator)
+            init_loc = (seeded_particles(model, self.num_particles, seed) if seed is not None
+                        else model.init_particles(self.num_particles))
         if init_loc.shape != (self.num_particles, model.dim):
             expected = (self.num_particles, model.dim)
             raise ValueError(f"init_loc must have shape {expected}, got {tuple(init_loc.shape)}")
         self._init_loc = init_loc.detach().clone()
+        mask = model.spec.head_mask().to(self._init_loc.device)
+        #: Boolean (D,) mask of the entries shared by all particles, or None.
+        self.shared_mask = mask if shared_head and bool(mask.any()) else None
+        if self.shared_mask is not None:
+            head = self._init_loc[:, self.shared_mask]
+            if not torch.equal(head, head[:1].expand_as(head)):
+                raise ValueError("shared_head=True needs init_loc rows with equal head (modules_to_save) entries")
+            # θ = cat([own entries, head entries])[:, order] puts every entry back at its place in θ.
+            self._order = torch.argsort(torch.cat([(~mask).nonzero()[:, 0], mask.nonzero()[:, 0]]))
 
     @property
     def loc(self) -> torch.Tensor:
-        """μ (K, D)."""
-        return pyro.param(f"{self.name}.loc", lambda: self._init_loc.clone())
+        """μ (K, D) (assembled from the particles' own entries and the shared head with ``shared_head``)."""
+        if self.shared_mask is None:
+            return pyro.param(f"{self.name}.loc", lambda: self._init_loc.clone())
+        own = pyro.param(f"{self.name}.particle_loc", lambda: self._init_loc[:, ~self.shared_mask].clone())
+        head = pyro.param(f"{self.name}.shared_loc", lambda: self._init_loc[0, self.shared_mask].clone())
+        return torch.cat([own, head.expand(self.num_particles, -1)], dim=-1)[:, self._order]
 
     @property
     def scale(self) -> torch.Tensor:
@@ -88,6 +113,11 @@ class ParticleGuide:
         if plate is None:
             picked = loc[torch.randint(self.num_particles, ())]
         else:
+            if plate.size % self.num_particles:
+                raise ValueError(
+                    f"the {plate.size} draws of the plate {plate.name!r} cannot be stratified exactly over "
+                    f"K = {self.num_particles} components: use a multiple of {self.num_particles} samples"
+                )
             components = torch.arange(plate.size, device=loc.device) % self.num_particles
             picked = loc[components].reshape(plate.size, *([1] * (-plate.dim - 1)), -1)
         return pyro.sample(THETA, self._component_dist(picked))

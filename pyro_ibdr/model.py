@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .functional import BatchedForward, Inputs, batch_size
+from .functional import BatchedForward, Inputs, Mode, batch_size
 from .params import ParamFilter, ParamSpec, trainable
 
 #: Name of the single latent site that holds the flat adapter vector θ.
@@ -16,13 +16,15 @@ THETA = "theta"
 LOGITS = "logits"
 #: Name of the data plate; it is the only plate of the model (``max_plate_nesting == 1``).
 DATA_PLATE = "data"
+#: Floating dtypes held in float32 for θ and the logits.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class BayesianLoRA:
     """Pyro model whose one latent site is the flat vector θ of a peft model's trainable tensors.
 
-    The frozen backbone never enters Pyro: its weights are read by ``torch.func.functional_call`` and
-    only θ is substituted. The model is
+    The frozen backbone never enters Pyro: the batched forward (:class:`~pyro_ibdr.functional.BatchedForward`)
+    runs it with θ in place of the adapter tensors and leaves its weights alone. The model is
 
         θ ~ N(0, s² I_D),    y_n | x_n, θ ~ Categorical(logits = f(x_n; θ)),  n in a subsampled plate of size N.
 
@@ -34,8 +36,13 @@ class BayesianLoRA:
     :param num_data: N, the training-set size used to scale the minibatch likelihood.
     :param prior_scale: s, the prior standard deviation.
     :param select: which of ``net``'s parameters form θ (default: all that require grad).
-    :param vectorize: evaluate particles with ``torch.vmap`` (True), a Python loop (False), or choose by
-        device (None: vmap on a GPU, the loop on a CPU, where it measured faster).
+    :param vectorize: how the rows of θ are evaluated (:class:`~pyro_ibdr.functional.BatchedForward`):
+        ``"fused"`` (all particles in one pass over one copy of the frozen network), ``"vmap"`` (or True),
+        ``"loop"`` (or False), or None: fused where it applies, else the loop (with a one-time warning).
+
+    θ is kept in float32 when the adapter tensors are float16/bfloat16 (master weights: small updates are not
+    rounded away); the forward casts each tensor to its layer's dtype. Logits in float16/bfloat16 are returned
+    in float32, so softmax, likelihood and metrics run in float32.
     """
 
     max_plate_nesting = 1
@@ -47,7 +54,7 @@ class BayesianLoRA:
         *,
         prior_scale: float = 1.0,
         select: ParamFilter = trainable,
-        vectorize: bool | None = None,
+        vectorize: Mode | bool | None = None,
     ) -> None:
         if num_data < 1:
             raise ValueError(f"num_data must be a positive integer, got {num_data}")
@@ -58,7 +65,8 @@ class BayesianLoRA:
         self.prior_scale = float(prior_scale)
         self.spec = ParamSpec.from_module(net, select)
         params = dict(net.named_parameters())
-        self.theta0 = self.spec.flatten(params).clone()
+        theta0 = self.spec.flatten(params)
+        self.theta0 = (theta0.float() if theta0.dtype in LOW_PRECISION else theta0).clone()
         self.forward = BatchedForward(net, self.spec, vectorize=vectorize)
 
     @property
@@ -86,7 +94,8 @@ class BayesianLoRA:
         """f(x; θ) for θ of shape (D,), (*lead, D) or (*lead, 1, D) → (B, C) or (*lead, B, C)."""
         if theta.dim() >= 3 and theta.shape[-2] == 1:
             theta = theta.squeeze(-2)
-        return self.forward(theta, x)
+        logits = self.forward(theta, x)
+        return logits.float() if logits.dtype in LOW_PRECISION else logits
 
     def __call__(self, x: Inputs, y: torch.Tensor | None = None) -> torch.Tensor:
         n_batch = batch_size(x)

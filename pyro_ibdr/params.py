@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -12,13 +13,18 @@ from torch import nn
 ParamFilter = Callable[[str, nn.Parameter], bool]
 
 
-def _is_lora_factor(name: str) -> bool:
+def is_lora_factor(name: str) -> bool:
+    """Whether a parameter name is a peft LoRA factor (``lora_A``, ``lora_B``, ``lora_embedding_*``, ...)."""
     return ".lora_" in name or name.startswith("lora_")
+
+
+def _is_saved_module(name: str) -> bool:
+    return ".modules_to_save." in name
 
 
 def lora_only(name: str, param: nn.Parameter) -> bool:
     """Select only the LoRA factors (not the ``modules_to_save`` heads)."""
-    return param.requires_grad and _is_lora_factor(name)
+    return param.requires_grad and is_lora_factor(name)
 
 
 def trainable(name: str, param: nn.Parameter) -> bool:
@@ -71,6 +77,11 @@ class ParamSpec:
         chunks = torch.split(theta, self.numels, dim=-1)
         return {n: c.reshape(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
 
+    def head_mask(self) -> torch.Tensor:
+        """Boolean (D,): True for the entries of peft ``modules_to_save`` copies (the trained task heads)."""
+        parts = [torch.full((k,), _is_saved_module(name)) for name, k in zip(self.names, self.numels, strict=True)]
+        return torch.cat(parts)
+
     def lora_a_bounds(self) -> torch.Tensor:
         """Per-entry bound b = 1/sqrt(fan_in) of peft's default uniform init of ``A`` (0 elsewhere).
 
@@ -81,3 +92,24 @@ class ParamSpec:
             bound = 1.0 / math.sqrt(math.prod(shape[1:])) if ".lora_A." in name and len(shape) > 1 else 0.0
             parts.append(torch.full((k,), bound))
         return torch.cat(parts)
+
+
+@contextmanager
+def assigned(net: nn.Module, spec: ParamSpec, theta: torch.Tensor) -> Iterator[None]:
+    """Copy θ (D,) into ``net``'s own tensors named by ``spec`` for the duration of the block, then restore them.
+
+    For code that calls ``net`` itself rather than through :class:`~pyro_ibdr.functional.BatchedForward`
+    (peft's ``save_pretrained``, laplace-torch). The copies are in place, so references to the parameters stay valid.
+    """
+    params = dict(net.named_parameters())
+    values = spec.unflatten(theta.detach())
+    originals = {name: params[name].detach().clone() for name in spec.names}
+    try:
+        with torch.no_grad():
+            for name in spec.names:
+                params[name].copy_(values[name])
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in originals.items():
+                params[name].copy_(original)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .metrics import EnsembleMode
 from .model import THETA
+
+if TYPE_CHECKING:
+    from .functional import Inputs
+    from .model import BayesianLoRA
+#: Draws used for prediction from a continuous posterior when no number is given.
+DEFAULT_NUM_SAMPLES = 8
 
 
 class Posterior(ABC):
@@ -15,12 +22,25 @@ class Posterior(ABC):
 
     ``sample(S)`` gives ``{"theta": (S, D)}`` for :func:`~pyro_ibdr.predictive_probs`. ``dropout_at_test``
     marks posteriors whose predictive also samples dropout masks (MC dropout): the network is then run in
-    training mode while predicting.
+    training mode while predicting. ``prediction`` is how the S per-sample predictions combine into the
+    ensemble: ``"mean_probs"`` (the Bayesian model average) or ``"mean_logits"`` (for particles trained
+    jointly through the mean of their logits, as by the IBDR authors' code); :func:`~pyro_ibdr.evaluate` and
+    checkpoints honour it.
+
+    How many draws prediction uses is settled in one place, :meth:`num_draws`: a posterior that is a finite
+    set of equally weighted point masses (:attr:`natural_num_samples`) is evaluated on each point exactly
+    once, because repeated draws of one point would bias the diversity metrics (disagreement, DPP volume).
+
+    ``own_predictive`` marks posteriors whose predictive is not the network at θ samples (the linearised Laplace
+    predictive): :func:`~pyro_ibdr.predictive_probs` and :func:`~pyro_ibdr.predict_loader` then call
+    :meth:`predict` instead.
     """
 
     kind: ClassVar[str]
     registry: ClassVar[dict[str, type[Posterior]]] = {}
     dropout_at_test: bool = False
+    own_predictive: ClassVar[bool] = False
+    prediction: EnsembleMode = "mean_probs"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -34,12 +54,46 @@ class Posterior(ABC):
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors that define the posterior (for checkpoints)."""
 
+    def predict(
+        self, model: BayesianLoRA, x: Inputs, num_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Per-sample class probabilities (S, B, C), for a posterior with ``own_predictive``.
+
+        ``generator`` (on the model's device) fixes the draws; called with equally seeded generators, every batch
+        gets the same draws.
+
+        :raises NotImplementedError: for posteriors that predict through θ samples.
+        """
+        raise NotImplementedError(f"{type(self).__name__} predicts through θ samples (use pyro_ibdr.predictive_probs)")
+
     @property
     def dim(self) -> int:
         return next(iter(self.tensors().values())).shape[-1]
 
+    @property
+    def natural_num_samples(self) -> int | None:
+        """The number of distinct equally weighted points when the posterior is a finite set of them, else None."""
+        return None
+
+    @property
+    def default_num_samples(self) -> int:
+        """S when none is given: the natural number, else :data:`DEFAULT_NUM_SAMPLES`."""
+        return self.natural_num_samples or DEFAULT_NUM_SAMPLES
+
+    def num_draws(self, num_samples: int | None = None) -> int:
+        """The number of draws S for prediction: ``None`` gives :attr:`default_num_samples`.
+
+        :raises ValueError: for S < 1, or an S that the posterior's draws cannot honour exactly (subclasses).
+        """
+        if num_samples is None:
+            return self.default_num_samples
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 (an integer, or None), got {num_samples!r}")
+        return num_samples
+
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "tensors": self.tensors(), "dropout_at_test": self.dropout_at_test}
+        return {"kind": self.kind, "tensors": self.tensors(), "dropout_at_test": self.dropout_at_test,
+                "prediction": self.prediction}
 
     @staticmethod
     def from_state_dict(state: dict[str, Any]) -> Posterior:
@@ -48,6 +102,7 @@ class Posterior(ABC):
             raise ValueError(f"unknown posterior kind {kind!r}; known: {sorted(Posterior.registry)}")
         posterior = Posterior.registry[kind](**state["tensors"])
         posterior.dropout_at_test = bool(state.get("dropout_at_test", False))
+        posterior.prediction = state.get("prediction", "mean_probs")
         return posterior
 
 
@@ -62,7 +117,9 @@ def _check_rows(name: str, value: torch.Tensor) -> torch.Tensor:
 class ParticlePosterior(Posterior):
     """(1/K) Σ_i N(μ_i, σ² I); σ = 0 gives K point masses (IBDR, deep ensembles, SVGD, MAP with K = 1).
 
-    Draw s comes from component s mod K, so S = K draws visit every particle once.
+    Draws are exactly stratified: draw s comes from component s mod K and S must be a multiple of K, so each
+    component gets S/K draws. Point masses (σ = 0, no dropout at test) are predicted with S = K, each particle
+    once; a mixture with σ > 0 (or dropout) with any multiple of K, by default the smallest one ≥ 8.
     """
 
     kind = "particles"
@@ -77,7 +134,39 @@ class ParticlePosterior(Posterior):
     def num_particles(self) -> int:
         return self.particles.shape[0]
 
+    @property
+    def natural_num_samples(self) -> int | None:
+        return self.num_particles if float(self.sigma) == 0 and not self.dropout_at_test else None
+
+    @property
+    def default_num_samples(self) -> int:
+        k = self.num_particles
+        return self.natural_num_samples or k * -(-DEFAULT_NUM_SAMPLES // k)
+
+    def num_draws(self, num_samples: int | None = None) -> int:
+        """S for prediction (see the class docstring).
+
+        :raises ValueError: when S is not a multiple of K, or differs from K for point masses.
+        """
+        draws = super().num_draws(num_samples)
+        if self.natural_num_samples is not None and draws != self.num_particles:
+            raise ValueError(
+                f"the posterior is {self.num_particles} point masses: predict with num_samples={self.num_particles} "
+                f"(or None), each particle once; {draws} draws would repeat particles and bias the diversity metrics"
+            )
+        self._check_stratified(draws)
+        return draws
+
+    def _check_stratified(self, num_samples: int) -> None:
+        if num_samples % self.num_particles:
+            raise ValueError(
+                f"{num_samples} draws cannot be stratified exactly over K = {self.num_particles} mixture components: "
+                f"use a multiple of {self.num_particles}"
+            )
+
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """S draws, S/K from each component (S must be a multiple of K)."""
+        self._check_stratified(num_samples)
         picked = self.particles[torch.arange(num_samples) % self.num_particles]
         noise = torch.randn(picked.shape, generator=generator).to(picked)
         return {THETA: picked + self.sigma.to(picked) * noise}
@@ -106,15 +195,32 @@ class GaussianPosterior(Posterior):
 
 
 class EmpiricalPosterior(Posterior):
-    """Equal-weight stored samples (SGLD's thinned chain); draw s is stored sample s mod N."""
+    """N equal-weight stored samples (SGLD's thinned chain, frozen draws); ``sample(S)`` gives the first S ≤ N,
+    each once. Prediction uses all N by default."""
 
     kind = "samples"
 
     def __init__(self, samples: torch.Tensor) -> None:
         self.samples = _check_rows("samples", samples)
 
+    @property
+    def natural_num_samples(self) -> int:
+        return self.samples.shape[0]
+
+    def num_draws(self, num_samples: int | None = None) -> int:
+        """S ≤ N (None: N).
+
+        :raises ValueError: for S > N, which would repeat stored samples.
+        """
+        draws = super().num_draws(num_samples)
+        if draws > self.natural_num_samples:
+            raise ValueError(f"the posterior holds {self.natural_num_samples} samples; {draws} draws would repeat "
+                             f"some of them: use num_samples <= {self.natural_num_samples} (or None)")
+        return draws
+
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        return {THETA: self.samples[torch.arange(num_samples) % self.samples.shape[0]]}
+        """The first S stored samples (S ≤ N)."""
+        return {THETA: self.samples[: self.num_draws(num_samples)]}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"samples": self.samples}

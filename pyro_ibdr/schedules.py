@@ -56,8 +56,9 @@ class WarmupCosine:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.total_steps <= self.warmup_steps:
             raise ValueError(
-                f"total_steps ({self.total_steps}) must exceed warmup_steps ({self.warmup_steps}) "
-                "to leave room for the cosine decay"
+                f"a run of {self.total_steps} steps is not longer than its warm-up of {self.warmup_steps} steps, so "
+                "there is no room for the cosine decay: train for more steps, or shorten the warm-up (warmup_steps "
+                "of the schedule or preset, e.g. preset.replace(warmup_steps=...); --warmup-steps in the CLIs)"
             )
         if not 0.0 <= self.min_factor <= 1.0:
             raise ValueError(f"min_factor must lie in [0, 1], got {self.min_factor}")
@@ -70,13 +71,15 @@ class WarmupCosine:
         return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_schedule(name: ScheduleName, total_steps: int) -> Schedule:
+def make_schedule(name: ScheduleName, total_steps: int, warmup_steps: int = AUTHORS_WARMUP_STEPS) -> Schedule:
     """A schedule by name for a run of ``total_steps``.
 
-    ``"warmup_cosine"`` warms up for the authors' 500 steps, or for a tenth of the run when that is shorter.
+    ``"warmup_cosine"`` warms up for ``warmup_steps`` (the authors' 500 by default), whatever the run's
+    length: a run not longer than its warm-up is an error naming both numbers (never a silently shortened
+    warm-up).
     """
     if name == "constant":
         return Constant()
     if name == "warmup_cosine":
-        return WarmupCosine(total_steps, warmup_steps=min(AUTHORS_WARMUP_STEPS, total_steps // 10))
+        return WarmupCosine(total_steps, warmup_steps=warmup_steps)
     raise ValueError(f"unknown schedule {name!r}; use 'constant', 'warmup_cosine' or a callable step -> multiplier")

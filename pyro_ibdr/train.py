@@ -24,8 +24,10 @@ from tqdm.auto import tqdm
 from .methods.base import Method, OptimSettings, create_method
 from .model import BayesianLoRA
 from .posterior import EmpiricalPosterior, GaussianPosterior, ParticlePosterior, Posterior
+from .precision import Precision, autocast
 from .predictive import to_device
-from .schedules import Schedule, ScheduleName, make_schedule
+from .presets import Preset, get_preset
+from .schedules import AUTHORS_WARMUP_STEPS, Constant, Schedule, ScheduleName, make_schedule
 
 #: Called after every epoch with (epoch index from 0, that epoch's log record).
 Callback = Callable[[int, dict[str, float]], None]
@@ -49,6 +51,7 @@ class FitResult:
     :ivar num_particles_or_samples: K particles, S stored samples, or the method's training samples.
     :ivar state: the method's extra state (e.g. IBDR's λ and settings).
     :ivar config: the method's config as plain values (``method.config.to_dict()``).
+    :ivar preset: the name of the preset the run used, or None.
     """
 
     posterior: Posterior
@@ -62,6 +65,7 @@ class FitResult:
     num_particles_or_samples: int | None = None
     state: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
 
 
 def _check_length(epochs: int | None, steps: int | None) -> None:
@@ -110,21 +114,42 @@ def _numbered_batches(loader: Iterable, total_steps: int) -> Iterator[tuple[int,
 
 
 def _build_method(
-    method: Method | str, model: BayesianLoRA, optim: OptimSettings | None, seed: int, options: dict[str, Any]
+    method: Method | str, model: BayesianLoRA, optim: OptimSettings | None, seed: int, options: dict[str, Any],
+    preset: Preset | None,
 ) -> Method:
     if isinstance(method, Method):
-        if optim is not None or options:
-            raise ValueError("optim and method options apply only when the method is given by name")
+        if optim is not None or options or preset is not None:
+            raise ValueError("optim, preset and method options apply only when the method is given by name")
         if method.model is not model:
             raise ValueError("the method instance was built for a different model")
         return method
     if not isinstance(method, str):
         raise TypeError(f"method must be a Method or a registered name, got {type(method).__name__}")
+    if preset is not None:
+        optim = optim or preset.optim
+        options = {**preset.method_options(method), **options}
     return create_method(method, model, optim=optim, seed=seed, **options)
 
 
-def _resolve_schedule(schedule: Schedule | ScheduleName, total_steps: int) -> Schedule:
-    return make_schedule(schedule, total_steps) if isinstance(schedule, str) else schedule
+class _OnDevice:
+    """A re-iterable view of a loader whose batches (x, y) are moved to ``device``."""
+
+    def __init__(self, loader: Iterable[tuple[Any, torch.Tensor]], device: torch.device) -> None:
+        self.loader = loader
+        self.device = device
+
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
+        for x, y in self.loader:
+            yield to_device(x, self.device), y.to(self.device)
+
+
+def _resolve_schedule(schedule: Schedule | ScheduleName | None, total_steps: int, preset: Preset | None) -> Schedule:
+    """The given schedule; by name with the preset's warm-up (else the authors' 500 steps); else the preset's."""
+    if isinstance(schedule, str):
+        return make_schedule(schedule, total_steps, preset.warmup_steps if preset else AUTHORS_WARMUP_STEPS)
+    if schedule is not None:
+        return schedule
+    return preset.make_schedule(total_steps) if preset else Constant()
 
 
 def posterior_scale(posterior: Posterior) -> float | None:
@@ -188,11 +213,13 @@ def fit(
     epochs: int | None = None,
     steps: int | None = None,
     optim: OptimSettings | None = None,
-    schedule: Schedule | ScheduleName = "constant",
+    schedule: Schedule | ScheduleName | None = None,
+    preset: Preset | str | None = None,
     seed: int = 0,
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     device: torch.device | str | None = None,
+    precision: Precision = "fp32",
     **method_options: Any,
 ) -> FitResult:
     """Train ``method`` on ``model`` for exactly one of ``epochs`` (passes over the loader) or ``steps``.
@@ -202,20 +229,35 @@ def fit(
     Every step sets the rate lr_t = ``optim.lr`` · schedule(t) and calls ``method.step(x, y)`` on a batch
     moved to ``device`` (default: the device of the model's θ₀; the model must already live there).
     With ``steps``, the loader is re-iterated as often as needed and every pass is one epoch of the history.
+    After the last step ``method.finalize`` gets the loader (batches moved to ``device``) for a post-hoc step such
+    as a Laplace fit; its time counts in ``wall_time_s``.
+
+    A ``preset`` (:data:`~pyro_ibdr.presets.PAPER`, :data:`~pyro_ibdr.presets.OFFICIAL`, or their names)
+    supplies what is not given explicitly: ``optim``, ``schedule``, the method's options
+    (``preset.method_options(name)``, overridden by ``method_options``) and the run length (``preset.epochs``
+    when neither ``epochs`` nor ``steps`` is given). The preset's batch size is the loader's business.
 
     :param train_loader: re-iterable batches (x, y); x a tensor or a dict of tensors.
-    :param schedule: ``"constant"``, ``"warmup_cosine"`` or a callable step ↦ multiplier.
+    :param schedule: ``"constant"``, ``"warmup_cosine"`` (warm-up of the preset's ``warmup_steps``, else the
+        authors' 500 steps; a run not longer than that is an error) or a callable step ↦ multiplier; None:
+        the preset's schedule, else constant.
     :param callbacks: called after every epoch with ``(epoch, record)``.
     :param progress: show a progress bar (only when stderr is a terminal) with the loss and λ.
+    :param precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` to run every step under ``torch.autocast``
+        (:mod:`pyro_ibdr.precision`: θ and the optimiser state stay float32, no gradient scaler).
     :raises FloatingPointError: naming the step at which the loss became NaN or infinite.
     """
+    preset = get_preset(preset) if preset is not None else None
+    if preset is not None and preset.epochs is not None and epochs is None and steps is None:
+        epochs = preset.epochs
     _check_length(epochs, steps)
     total = _total_steps(train_loader, epochs, steps)
+    multiplier = _resolve_schedule(schedule, total, preset)
     device = torch.device(device) if device is not None else model.theta0.device
+    mixed = autocast(precision, device)  # checks the setting before any work
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    runner = _build_method(method, model, optim, seed, method_options)
-    multiplier = _resolve_schedule(schedule, total)
+    runner = _build_method(method, model, optim, seed, method_options, preset)
     base_lr = runner.optim_settings.lr
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -232,7 +274,8 @@ def fit(
                 lr = base_lr * multiplier(step)
                 runner.set_lr(lr)
                 try:
-                    terms = runner.step(to_device(x, device), y.to(device))
+                    with mixed:
+                        terms = runner.step(to_device(x, device), y.to(device))
                 except FloatingPointError as err:
                     raise FloatingPointError(f"training failed at step {step}: {err}") from err
                 _check_loss(step, terms)
@@ -248,6 +291,7 @@ def fit(
                 callback(epoch, record)
     finally:
         bar.close()
+    runner.finalize(_OnDevice(train_loader, device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
@@ -264,4 +308,5 @@ def fit(
         num_particles_or_samples=num_particles_or_samples(runner, posterior),
         state=runner.state(),
         config=runner.config.to_dict(),
+        preset=preset.name if preset is not None else None,
     )

@@ -105,17 +105,29 @@ def test_cli_end_to_end_on_arc_files(model_dir: Path, arc_files: tuple[Path, Pat
 
 
 @pytest.mark.filterwarnings("ignore:K = 2 particles exceed C − 1:UserWarning")  # the test-set DPP volume metric
-def test_two_choice_task_turns_the_diversity_term_off(model_dir: Path, tmp_path: Path) -> None:
+def test_two_choice_task_keeps_alpha_and_gets_a_constant_diversity_term(model_dir: Path, tmp_path: Path) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", _boolq_rows(8))
     test = write_jsonl(tmp_path / "test.jsonl", _boolq_rows(4))
     output = tmp_path / "out"
-    with pytest.warns(UserWarning, match="boolq: K = 2 > C − 1 = 1; diversity weight set to 0"):
+    with pytest.warns(UserWarning, match=r"K = 2 particles exceed C − 1 = 1 .* the diversity term is constant"):
         result = _invoke(model_dir, train, test, output, "--tasks", "BoolQ", "--methods", "ibdr", "--alpha", "0.5")
     assert result.exit_code == 0, result.output
     record = json.loads((output / "runs" / "boolq__ibdr__seed0.json").read_text())
-    assert record["state"]["settings"]["alpha"] == 0.0
+    assert record["state"]["settings"]["alpha"] == 0.5  # the library, not the CLI, handles K > C − 1
+    assert all(epoch["diversity"] == 0.0 for epoch in record["history"])
     assert record["data"] == {"train": 8, "test": 4, "dropped": 0, "n_choices": 2}
     assert 0 <= record["metrics"]["accuracy"] <= 1 and record["cost"]["test_samples"] == 2
+
+
+def test_the_official_preset_shapes_ibdr(model_dir: Path, arc_files: tuple[Path, Path], tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    result = _invoke(model_dir, *arc_files, output, "--tasks", "arc_easy", "--methods", "ibdr", "--preset", "official")
+    assert result.exit_code == 0, result.output
+    record = json.loads((output / "runs" / "arc_easy__ibdr__seed0.json").read_text())
+    assert record["metrics"]["ensemble"] == "mean_logits"
+    assert record["state"]["settings"]["cost"] == "output" and record["state"]["settings"]["dual_lr"] == 5e-4
+    config = json.loads((output / "results.json").read_text())["config"]
+    assert config["preset"]["name"] == "official" and config["preset"]["optim"]["optimizer"] == "adamw"
 
 
 def test_bad_input_is_refused_before_loading(model_dir: Path, arc_files: tuple[Path, Path], tmp_path: Path,
@@ -247,3 +259,19 @@ def test_the_offline_default_runs_the_six_datasets_with_zero_shot_map_and_ibdr(
     assert saved["config"]["formulation"] == "cloze" and saved["config"]["eval_split"] == "test"
     assert sorted((r["task"], r["method"]) for r in saved["runs"]) == sorted(
         (task, method) for task in six for method in ("zero_shot", "map", "ibdr"))
+
+@pytest.mark.parametrize(("method", "samples"), [("mle", 1), ("fft", 1), ("laplace", 2), ("ivon", 2), ("pvera", 2)])
+def test_each_new_baseline_runs_from_the_cli(model_dir: Path, arc_files: tuple[Path, Path], tmp_path: Path,
+                                              method: str, samples: int) -> None:
+    output = tmp_path / "out"
+    result = _invoke(model_dir, *arc_files, output, "--tasks", "arc_easy", "--methods", method)
+    assert result.exit_code == 0, result.output
+    record = json.loads((output / "runs" / f"arc_easy__{method}__seed0.json").read_text())
+    metrics, cost = record["metrics"], record["cost"]
+    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["ece"] <= 1 and metrics["nll"] > 0
+    assert (cost["steps"], cost["passes_per_step"], cost["test_samples"]) == (3, 1, samples)
+    full = sum(p.numel() for p in tiny_lm(len(make_tokenizer())).parameters())
+    pvera = 2 * ((32 + 2 * 8) + (16 + 2 * 8))  # λ_b (out) and λ_d (2r) on q (32 -> 32) and v (32 -> 16), 2 layers
+    assert cost["trainable_parameters"] == {"fft": full, "pvera": pvera}.get(method, LORA_SIZE)
+    if method == "laplace":
+        assert record["state"]["prior_precision"] != [1.0] and record["state"]["log_marglik"] is not None

@@ -6,7 +6,7 @@ import torch
 from pyro_ibdr import BayesianLoRA, predictive_probs
 from pyro_ibdr.evaluation import OOD_SCORES, evaluate, fixed_draws
 from pyro_ibdr.metrics import evaluate_predictions, ood_metrics, uncertainty_scores
-from pyro_ibdr.posterior import GaussianPosterior, ParticlePosterior
+from pyro_ibdr.posterior import EmpiricalPosterior, GaussianPosterior, ParticlePosterior
 from tests._dummies.nets import lora_mlp
 
 IN_KEYS = {
@@ -85,3 +85,40 @@ def test_evaluate_rejects_bad_input(setup):
         evaluate(model, posterior, [])
     with pytest.raises(ValueError, match="mode must be"):
         evaluate(model, posterior, loader, ensemble="median")
+
+
+@pytest.mark.filterwarnings("ignore:K = 8 particles exceed C − 1:UserWarning")  # the doubled DPP volume below
+def test_point_masses_are_evaluated_on_each_particle_once(setup):
+    model, posterior, x, y, _, loader, _ = setup
+    results = evaluate(model, posterior, loader)
+    assert results["num_samples"] == 4
+    expected = evaluate_predictions(predictive_probs(model, posterior, x), y)
+    assert results["disagreement"] == pytest.approx(expected["disagreement"], abs=1e-6)
+    with pytest.raises(ValueError, match=r"4 point masses: predict with num_samples=4 .* 8 draws would repeat"):
+        evaluate(model, posterior, loader, num_samples=8)
+    # what the refusal prevents: a particle paired with its own copy looks like agreement
+    once = predictive_probs(model, posterior, x)
+    twice = evaluate_predictions(once.repeat(2, 1, 1), y)
+    assert twice["disagreement"] < expected["disagreement"]
+
+
+def test_mixture_draws_are_stratified_exactly(setup):
+    model, posterior, *_ = setup
+    mixture = ParticlePosterior(posterior.particles[:3], sigma=1e-3)
+    assert mixture.num_draws() == 9  # the smallest multiple of K = 3 that is at least 8
+    draws = mixture.sample(9, generator=torch.Generator().manual_seed(0))["theta"]
+    nearest = torch.cdist(draws, mixture.particles).argmin(1)
+    assert torch.bincount(nearest, minlength=3).tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match="8 draws cannot be stratified exactly over K = 3"):
+        mixture.sample(8)
+    with pytest.raises(ValueError, match="cannot be stratified exactly over K = 3"):
+        evaluate(model, mixture, setup[5], num_samples=10)
+
+
+def test_stored_samples_are_used_each_once(setup):
+    model, posterior, _, _, _, loader, _ = setup
+    chain = EmpiricalPosterior(posterior.particles)
+    assert evaluate(model, chain, loader)["num_samples"] == 4
+    assert evaluate(model, chain, loader, num_samples=2)["num_samples"] == 2  # a thinner chain
+    with pytest.raises(ValueError, match="holds 4 samples; 5 draws would repeat"):
+        evaluate(model, chain, loader, num_samples=5)

@@ -1,9 +1,8 @@
-"""The grid runner: summary tables over seeds and tasks, method options, test-time S, resumable records."""
+"""The grid runner: summary tables over seeds and tasks, test-time S, resumable records."""
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -17,15 +16,13 @@ from pyro_ibdr.experiments.grid import (
     ResultStore,
     Unit,
     format_table,
-    method_options,
     report,
     run_grid,
     summary_rows,
     train_and_evaluate,
     write_summary,
 )
-from pyro_ibdr.methods import METHODS, OptimSettings
-from pyro_ibdr.posterior import GaussianPosterior, ParticlePosterior
+from pyro_ibdr.methods import OptimSettings
 from tests._dummies.data import digits
 from tests._dummies.nets import lora_mlp
 
@@ -94,31 +91,6 @@ def test_write_summary_writes_strict_json_and_csv(tmp_path: Path) -> None:
         table = list(csv.DictReader(handle))
     assert [(r["task"], r["method"]) for r in table] == [(r["task"], r["method"]) for r in rows]
     assert float(table[0]["accuracy"]) == pytest.approx(0.6) and table[-1]["accuracy_std"] == ""
-
-
-def test_method_options_set_particles_or_training_samples() -> None:
-    assert method_options("ibdr", 4) == {"num_particles": 4}
-    assert method_options("svgd", 3) == {"num_particles": 3}
-    assert method_options("ensemble", 5) == {"num_particles": 5}
-    assert method_options("bbb", 2) == {"num_samples": 2}
-    assert method_options("sa_bnn", 2) == {"num_samples": 2}
-    assert method_options("map", 4) == {}
-    extra = {"ibdr": {"sigma": 0.1, "num_particles": 8}, "bbb": {"init_scale": 1e-3}}
-    assert method_options("ibdr", 4, extra) == {"num_particles": 8, "sigma": 0.1}  # extra wins
-    assert method_options("svgd", 4, extra) == {"num_particles": 4}  # other methods' extras are ignored
-    assert method_options("map", 4, extra) == {}
-    for name, cls in METHODS.items():  # every option given is one the method's constructor takes
-        for option in method_options(name, 2):
-            assert option in {f.name for f in dataclasses.fields(cls.config_class)}, (name, option)
-
-
-def test_test_time_samples() -> None:
-    point_masses = ParticlePosterior(torch.zeros(3, 5))
-    assert experiment.test_time_samples(point_masses, 16) == 3  # K point masses: each evaluated once
-    assert experiment.test_time_samples(ParticlePosterior(torch.zeros(3, 5), sigma=0.1), 16) == 16
-    point_masses.dropout_at_test = True  # dropout makes each pass random: S samples are needed
-    assert experiment.test_time_samples(point_masses, 16) == 16
-    assert experiment.test_time_samples(GaussianPosterior(torch.zeros(5), torch.ones(5)), 16) == 16
 
 
 def test_run_grid_resumes_and_rejects_corrupted_records(tmp_path: Path) -> None:

@@ -72,3 +72,53 @@ def test_bad_arguments(model):
         ParticleGuide(model, 2, sigma=0.0, learn_sigma=True)
     with pytest.raises(ValueError, match="init_loc must have shape"):
         ParticleGuide(model, 2, init_loc=torch.zeros(3, model.dim))
+
+
+def test_particles_are_seeded_one_generator_each(model):
+    guide = ParticleGuide(model, 3, seed=5)
+    for k in range(3):
+        expected = model.init_particles(1, torch.Generator().manual_seed(5 + k))[0]
+        torch.testing.assert_close(guide.loc.detach()[k], expected)
+
+
+def test_draws_in_a_plate_must_stratify_exactly(model):
+    guide = ParticleGuide(model, 2, sigma=0.1)
+    x = torch.rand(5, 64)
+    assert predictive_probs(model, guide, x).shape == (2, 5, 10)  # None: each component once
+    with pytest.raises(ValueError, match=r"3 draws of the plate .* cannot be stratified exactly over K = 2"):
+        predictive_probs(model, guide, x, num_samples=3)
+
+
+def test_a_shared_head_is_one_parameter_that_gets_the_sum_of_the_particles_gradients(model):
+    x, y = torch.rand(8, 64), torch.randint(0, 10, (8,))
+    head = model.spec.head_mask()
+    assert 0 < int(head.sum()) < model.dim
+    init = model.init_particles(3, torch.Generator().manual_seed(0))
+    init[:, ~head] += 0.1 * torch.randn(3, int((~head).sum()))  # B ≠ 0
+    loss = IBDRLoss(alpha=0.1, diversity="log_volume", ascent="none", kl="paper")
+
+    free = ParticleGuide(model, 3, init_loc=init, name="free")
+    loss.loss_and_grads(model, free, x, y)
+    per_particle = pyro.get_param_store().get_param("free.loc").grad
+
+    shared = ParticleGuide(model, 3, init_loc=init, shared_head=True, name="tied")
+    torch.testing.assert_close(shared.loc.detach(), init)
+    loss.loss_and_grads(model, shared, x, y)
+    store = dict(pyro.get_param_store().named_parameters())
+    assert set(store) >= {"tied.particle_loc", "tied.shared_loc"} and "tied.loc" not in store
+    torch.testing.assert_close(store["tied.shared_loc"].grad, per_particle[:, head].sum(0))
+    torch.testing.assert_close(store["tied.particle_loc"].grad, per_particle[:, ~head])
+
+    svi = SVI(model, shared, pyro.optim.SGD({"lr": 0.05}), loss=IBDRLoss(alpha=0.1, diversity="log_volume"))
+    for _ in range(3):
+        svi.step(x, y)
+    particles = shared.posterior().particles
+    assert torch.equal(particles[0, head], particles[1, head]) and torch.equal(particles[0, head], particles[2, head])
+    assert not torch.equal(particles[0, head], init[0, head])  # the head trained
+    assert not torch.equal(particles[0, ~head], particles[1, ~head])
+
+
+def test_a_shared_head_needs_equal_initial_heads(model):
+    init = model.init_particles(2) + 0.1 * torch.randn(2, model.dim)
+    with pytest.raises(ValueError, match="equal head"):
+        ParticleGuide(model, 2, init_loc=init, shared_head=True)

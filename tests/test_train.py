@@ -97,8 +97,11 @@ def test_fit_applies_the_schedule_at_every_step(data):
 def test_fit_with_a_named_schedule_decays_the_rate(data):
     x, y, _, _ = data
     model = BayesianLoRA(lora_mlp().eval(), num_data=len(y))
-    result = fit("map", model, loader_of(x[:64], y[:64], batch_size=16), steps=20, optim=OptimSettings(lr=0.01),
-                 schedule="warmup_cosine", progress=False)
+    loader = loader_of(x[:64], y[:64], batch_size=16)
+    with pytest.raises(ValueError, match="run of 20 steps is not longer than its warm-up of 500 steps"):
+        fit("map", model, loader, steps=20, schedule="warmup_cosine", progress=False)
+    result = fit("map", model, loader, steps=20, optim=OptimSettings(lr=0.01), schedule=WarmupCosine(20, 2),
+                 progress=False)
     # Warm-up of 2 steps, cosine to 0 at step 20: the rate of step 19 is small, that of step 3 near the base.
     assert result.history[0]["lr"] == pytest.approx(0.01 * WarmupCosine(20, 2)(3))
     assert result.history[-1]["lr"] < 1e-4
@@ -149,7 +152,7 @@ def test_fit_rejects_bad_arguments(data):
         fit("nope", model, loader, steps=1)
     with pytest.raises(ValueError, match="unknown schedule"):
         fit("map", model, loader, steps=1, schedule="linear")
-    with pytest.raises(ValueError, match="only when the method is given by name"):
+    with pytest.raises(ValueError, match="preset and method options apply only when the method is given by name"):
         fit(create_method("map", model), model, loader, steps=1, num_particles=2)
     with pytest.raises(ValueError, match="yielded no batches in pass 1: the training data is empty"):
         fit("map", model, (b for b in []), steps=1)
@@ -224,11 +227,13 @@ def test_schedules_warm_up_then_decay():
     assert all(a > b for a, b in pairwise(decay))
     assert WarmupCosine(100, 0, min_factor=0.1)(100) == pytest.approx(0.1)
     assert make_schedule("warmup_cosine", 10_000) == WarmupCosine(10_000, 500)
-    assert make_schedule("warmup_cosine", 200) == WarmupCosine(200, 20)
+    assert make_schedule("warmup_cosine", 200, warmup_steps=20) == WarmupCosine(200, 20)
+    with pytest.raises(ValueError, match="run of 200 steps is not longer than its warm-up of 500 steps"):
+        make_schedule("warmup_cosine", 200)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"total_steps": 500, "warmup_steps": 500}, "must exceed warmup_steps"),
+    ({"total_steps": 500, "warmup_steps": 500}, "run of 500 steps is not longer than its warm-up of 500 steps"),
     ({"total_steps": 10, "warmup_steps": -1}, "warmup_steps must be >= 0"),
     ({"total_steps": 10, "warmup_steps": 0, "min_factor": 1.5}, "min_factor"),
 ])

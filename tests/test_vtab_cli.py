@@ -22,24 +22,30 @@ TINY = ["--task", "eurosat", "--model", "test_vit", "--random-init", "--img-size
         "--epochs", "1", "--batch-size", "16", "--threads", "1"]  # timm's 6-block, 64-wide test ViT, random weights
 
 
-def _split(folder: Path, name: str, n: int) -> list[str]:
+def _split(folder: Path, name: str, n: int, classes: int = len(COLOURS)) -> list[str]:
     lines = []
     for i in range(n):
-        label = i % len(COLOURS)
+        label = i % classes
         relative = f"images/{name}_{i}.png"
         Image.new("RGB", (8, 8), COLOURS[label]).save(folder / relative)
         lines.append(f"{relative} {label}\n")
     return lines
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    """A VTAB-1k root with an ``eurosat`` folder: 30 train800 + 12 val200 images, 18 test images."""
-    folder = tmp_path / "vtab" / "eurosat"
+def _task_folder(root: Path, task: str, classes: int) -> None:
+    """30 train800 + 12 val200 images and 18 test images of ``classes`` flat colours."""
+    folder = root / task
     (folder / "images").mkdir(parents=True)
-    train, val, test = _split(folder, "train", 30), _split(folder, "val", 12), _split(folder, "test", 18)
+    train, val, test = (_split(folder, name, n, classes) for name, n in (("train", 30), ("val", 12), ("test", 18)))
     for split, lines in (("train800", train), ("val200", val), ("train800val200", train + val), ("test", test)):
         (folder / f"{split}.txt").write_text("".join(lines))
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A VTAB-1k root with an ``eurosat`` folder (3 of its 10 classes) and a ``patch_camelyon`` one (2 classes)."""
+    _task_folder(tmp_path / "vtab", "eurosat", len(COLOURS))
+    _task_folder(tmp_path / "vtab", "patch_camelyon", 2)
     return tmp_path / "vtab"
 
 
@@ -235,6 +241,55 @@ def test_own_tasks_vtab_lists_and_class_folders(data_dir: Path, tmp_path: Path) 
     assert "num_classes=2 but" in message and "3 class folders" in message
 
 
+def test_official_preset_comes_from_the_library(data_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    message = error_message(_invoke(data_dir, output, "ibdr", "--preset", "official"))
+    assert "eurosat" in message and "run of 3 steps is not longer than its warm-up of 500 steps" in message
+    assert "--warmup-steps" in message
+    result = _invoke(data_dir, output, "ibdr", "--preset", "official", "--warmup-steps", "1")
+    assert result.exit_code == 0, result.output
+    record = json.loads((output / "runs" / "eurosat__ibdr__seed0.json").read_text())
+    preset = record["settings"]["preset"]
+    assert preset["name"] == "official" and preset["optim"]["optimizer"] == "sgd"
+    assert preset["optim"]["lr"] == 0.5 and preset["loss"]["rho"] == 0.1  # eurosat's row of the authors' table
+    assert preset["num_particles"] == 2 and preset["warmup_steps"] == 1  # the options given here win
+    assert (record["settings"]["rank"], record["settings"]["lora_alpha"]) == (8, 8)
+    assert record["metrics"]["ensemble"] == "mean_logits" and record["cost"]["test_samples"] == 2
+    assert 0.5 <= record["state"]["lambda"] <= 5.0
+
+
+@pytest.mark.filterwarnings("ignore:K = 4 particles exceed C − 1:UserWarning")  # the test-set DPP volume metric
+def test_a_binary_task_with_more_particles_than_wrong_classes_runs(data_dir: Path, tmp_path: Path) -> None:
+    args = ["--data-dir", str(data_dir), "--output", str(tmp_path / "out"), "--methods", "ibdr", "--task",
+            "patch_camelyon", "--model", "test_vit", "--img-size", "32", "--particles", "4", "--epochs", "1",
+            "--batch-size", "16", "--threads", "1", "--alpha", "0.5"]
+    with pytest.warns(UserWarning, match="K = 4 particles exceed C − 1 = 1 .* set to 0"):
+        result = CliRunner().invoke(vtab.main, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "runs" / "patch_camelyon__ibdr__seed0.json").read_text())
+    assert record["state"]["settings"]["alpha"] == 0.5 and record["history"][0]["diversity"] == 0.0
+    assert record["cost"]["test_samples"] == 4
+
+
 def test_help_documents_every_option() -> None:
     assert len([p for p in vtab.main.params if isinstance(p, click.Option)]) >= 25
     assert_help_documents_every_option(vtab.main)
+
+
+@pytest.mark.parametrize(("method", "samples", "parameters"), [
+    ("mle", 1, None), ("fft", 1, 300_746), ("laplace", 2, None), ("ivon", 2, None),
+    ("pvera", 2, 6 * 2 * (64 + 2 * 8) + 650),  # λ_b (64) and λ_d (2r) on q and v of 6 blocks, plus the head
+])
+def test_each_new_baseline_runs_from_the_cli(data_dir: Path, tmp_path: Path, method: str, samples: int,
+                                              parameters: int | None) -> None:
+    output = tmp_path / "out"
+    result = _invoke(data_dir, output, method)
+    assert result.exit_code == 0, result.output
+    record = json.loads((output / "runs" / f"eurosat__{method}__seed0.json").read_text())
+    assert 0 <= record["metrics"]["accuracy"] <= 1 and 0 <= record["metrics"]["ece"] <= 1
+    cost = record["cost"]
+    assert (cost["passes_per_step"], cost["steps"], cost["test_samples"]) == (1, 3, samples)
+    lora = 6 * 2 * 8 * (64 + 64) + 650  # rank 8 on q and v (64 -> 64) of timm's 6-block test ViT, plus the head
+    assert cost["trainable_parameters"] == (parameters or lora)  # fft: every weight of the ViT, no LoRA
+    if method == "laplace":
+        assert record["state"]["hessian_structure"] == "kron" and record["state"]["prior_precision"] != [1.0]

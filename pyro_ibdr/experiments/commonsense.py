@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 from functools import partial
 from pathlib import Path
 
@@ -46,14 +45,16 @@ from pyro_ibdr.experiments.grid import (
     cli_options,
     comma_separated,
     evaluate_untrained,
-    method_options,
+    precision_option,
     report,
     run_grid,
     train_and_evaluate,
     write_summary,
 )
 from pyro_ibdr.experiments.text import AnswerTokenClassifier, ClozeClassifier, EncoderChoiceClassifier
-from pyro_ibdr.methods import METHODS, OptimSettings
+from pyro_ibdr.methods import METHODS
+from pyro_ibdr.methods.base import Adapter
+from pyro_ibdr.presets import PRESETS, get_preset
 
 OFFLINE_LM, OFFLINE_ENCODER = "smollm2", "minilm"
 ZERO_SHOT = "zero_shot"
@@ -81,20 +82,26 @@ def load_backbone(name: str, *, load_in_8bit: bool) -> tuple[object, torch.nn.Mo
     return AutoTokenizer.from_pretrained(name), AutoModelForCausalLM.from_pretrained(name, **options), False
 
 
-def build_net(backbone: torch.nn.Module, tokenizer, *, is_encoder: bool, n_choices: int, rank: int,
-              lora_alpha: float, lm_head: bool, lora_dropout: float = 0.0,
+def build_net(backbone: torch.nn.Module, tokenizer, *, adapter: Adapter = "lora", is_encoder: bool, n_choices: int,
+              rank: int, lora_alpha: float, lm_head: bool, lora_dropout: float = 0.0,
               formulation: str = "letter") -> torch.nn.Module:
-    """Answer-letter or cloze classifier (causal LM) or multiple-choice head (encoder), with LoRA on q and v."""
+    """Answer-letter or cloze classifier (causal LM) or multiple-choice head (encoder) with the method's adapter:
+    LoRA (or PVeRA, rank ``rank``) on q and v, or every weight trainable (``"full"``)."""
     if is_encoder:
-        config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                 target_modules=["query", "value"], modules_to_save=["classifier"])
-        return peft.get_peft_model(EncoderChoiceClassifier(backbone), config)
-    targets = ["q_proj", "v_proj", *(["lm_head"] if lm_head else [])]
-    config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
-    if formulation == "cloze":
-        return peft.get_peft_model(ClozeClassifier(backbone), config)
-    ids = answer_token_ids(tokenizer, LETTERS[:n_choices])
-    return peft.get_peft_model(AnswerTokenClassifier(backbone, ids), config)
+        net: torch.nn.Module = EncoderChoiceClassifier(backbone)
+        targets, to_save = ["query", "value"], ["classifier"]
+    else:
+        net = (ClozeClassifier(backbone) if formulation == "cloze"
+               else AnswerTokenClassifier(backbone, answer_token_ids(tokenizer, LETTERS[:n_choices])))
+        targets, to_save = ["q_proj", "v_proj", *(["lm_head"] if lm_head else [])], None
+    if adapter == "full":
+        return net.requires_grad_(True)
+    if adapter == "pvera":
+        config = peft.PveraConfig(r=rank, pvera_dropout=lora_dropout, target_modules=targets, modules_to_save=to_save)
+    else:
+        config = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                                 modules_to_save=to_save)
+    return peft.get_peft_model(net, config)
 
 
 def collator(tokenizer, *, is_encoder: bool, formulation: str, max_length: int, length_normalization: str):
@@ -147,13 +154,17 @@ def load_task(task: str, source: str, files: dict[str, Path], select: int | None
 @click.option("--max-length", type=int, default=128,
               help="Tokens kept per prompt (cloze: per choice), the context cut from its start (BLoB: 300).")
 @click.option("--lr", type=float, default=4e-3, help="AdamW learning rate (BLoB: 1e-4).")
-@click.option("--rank", type=int, default=8, help="LoRA rank.")
+@click.option("--rank", type=int, default=8, help="LoRA rank (also PVeRA's r).")
 @click.option("--lora-alpha", type=float, default=16.0, help="LoRA alpha.")
 @click.option("--lm-head", is_flag=True, help="Also put LoRA on the LM head.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               help="Dropout on the LoRA input (needed by mc_dropout).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper",
+              help="IBDR's objective, head sharing and prediction mode (pyro_ibdr.presets); the optimiser, rate, "
+                   "batch and steps stay the BLoB protocol's options below (AdamW, constant rate).")
 @click.option("--alpha", "diversity_weight", type=float, default=None,
-              help="IBDR diversity weight (forced to 0 on two-choice tasks, where K > C − 1).")
+              help="IBDR diversity weight (default: the preset's; on two-choice tasks K > C − 1 makes the term "
+                   "constant: it is 0, with one warning).")
 @click.option("--num-samples", type=int, default=10, help="Posterior samples at test (BLoB: 10).")
 @click.option("--max-train", type=click.IntRange(min=1), default=None, help="Use the first N training questions.")
 @click.option("--max-test", type=click.IntRange(min=0), default=50,
@@ -166,9 +177,11 @@ def load_task(task: str, source: str, files: dict[str, Path], select: int | None
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/commonsense"),
               help="Folder for runs/, reliability/, results.json and results.csv; finished runs are reused.")
+@precision_option
 def main(tasks, source, train_file, test_file, model_name, load_in_8bit, formulation, length_normalization,
          zero_shot, methods, particles, steps, batch_size, max_length, lr, rank, lora_alpha, lm_head, lora_dropout,
-         diversity_weight, num_samples, max_train, max_test, select, seeds, device, threads, output) -> None:
+         preset, diversity_weight, num_samples, max_train, max_test, select, seeds, device, threads, output,
+         precision) -> None:
     """Fine-tune an LLM (or encoder) with LoRA on commonsense multiple-choice tasks; print ACC/ECE/NLL tables."""
     check_methods(methods)
     if source == "files" and (train_file is None or test_file is None):
@@ -189,30 +202,32 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, formula
     collate = collator(tokenizer, is_encoder=is_encoder, formulation=formulation, max_length=max_length,
                        length_normalization=length_normalization)
 
-    def fresh_net(task: str) -> torch.nn.Module:
-        """A copy of the loaded backbone with a new LoRA (peft injects adapters in place)."""
-        return build_net(copy.deepcopy(backbone), tokenizer, is_encoder=is_encoder,
+    def fresh_net(task: str, adapter: Adapter) -> torch.nn.Module:
+        """A copy of the loaded backbone with a new adapter (peft injects adapters in place)."""
+        return build_net(copy.deepcopy(backbone), tokenizer, adapter=adapter, is_encoder=is_encoder,
                          n_choices=data[task][0].n_choices, rank=rank, lora_alpha=lora_alpha, lm_head=lm_head,
                          lora_dropout=lora_dropout, formulation=formulation)
+
+    changes = {"lr": lr, "optimizer": "adamw", "weight_decay": 0.0, "schedule": "constant", "warmup_steps": 0,
+               "batch_size": batch_size, "num_particles": particles, "epochs": None}
+    if diversity_weight is not None:
+        changes["alpha"] = diversity_weight
+    run_preset = get_preset(preset).replace(**changes)
 
     def run_unit(unit: Unit) -> dict:
         split, train, test = data[unit.task]
         sizes = {"train": len(train), "test": len(test), "dropped": split.dropped, "n_choices": split.n_choices}
         evaluation = {"test_loader": lambda: DataLoader(test, batch_size=batch_size, collate_fn=collate),
-                      "num_data": len(train), "output": output, "device": device}
+                      "num_data": len(train), "output": output, "device": device, "precision": precision}
         if unit.method == ZERO_SHOT:
-            return {**evaluate_untrained(unit, build_net=partial(fresh_net, unit.task), **evaluation), "data": sizes}
-        ibdr = {"alpha": diversity_weight} if diversity_weight is not None else {}
-        if split.n_choices - 1 < particles and unit.method == "ibdr":
-            warnings.warn(f"{unit.task}: K = {particles} > C − 1 = {split.n_choices - 1}; diversity weight set to 0",
-                          stacklevel=1)
-            ibdr["alpha"] = 0.0
+            untrained = evaluate_untrained(unit, build_net=partial(fresh_net, unit.task, "lora"), **evaluation)
+            return {**untrained, "data": sizes}
         loader = DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=collate,
                             generator=torch.Generator().manual_seed(unit.seed))
-        fit_options = {"steps": steps, "optim": OptimSettings(lr=lr, optimizer="adamw"), "progress": True,
-                       **method_options(unit.method, particles, {"ibdr": ibdr})}
-        record = train_and_evaluate(unit, build_net=partial(fresh_net, unit.task), train_loader=loader,
-                                    fit_options=fit_options, num_samples=num_samples, **evaluation)
+        fit_options = {"steps": steps, "preset": run_preset, "progress": True}
+        record = train_and_evaluate(unit, build_net=partial(fresh_net, unit.task, METHODS[unit.method].adapter),
+                                    train_loader=loader, fit_options=fit_options, num_samples=num_samples,
+                                    **evaluation)
         return {**record, "data": sizes}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
@@ -225,8 +240,9 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, formula
         "length_normalization": length_normalization if formulation == "cloze" and not is_encoder else None,
         "zero_shot": zero_shot, "eval_split": f"validation ({select} training questions)" if select else "test",
         "seeds": list(seeds), "particles": particles, "steps": steps, "batch_size": batch_size,
-        "max_length": max_length, "lr": lr, "optimizer": "adamw", "rank": rank, "lora_alpha": lora_alpha,
-        "lm_head": lm_head, "lora_dropout": lora_dropout, "num_samples": num_samples, **run_environment(device),
+        "max_length": max_length, "lr": lr, "optimizer": "adamw", "preset": run_preset.to_dict(), "rank": rank,
+        "lora_alpha": lora_alpha, "lm_head": lm_head, "lora_dropout": lora_dropout, "num_samples": num_samples,
+        "precision": precision, **run_environment(device),
     }
     rows = write_summary(output, records, config, metrics=("accuracy", "ece", "nll", "brier"))
     click.echo(report(rows, records))

@@ -20,6 +20,7 @@ from ..methods import METHODS
 from ..metrics import ensemble_probs, evaluate_predictions
 from ..model import BayesianLoRA
 from ..posterior import ParticlePosterior, Posterior
+from ..precision import AUTOCAST_DTYPES, Precision
 from ..predictive import predict_loader
 from ..train import fit, peak_memory_mb
 from .plots import reliability_diagram
@@ -166,19 +167,11 @@ def write_summary(folder: str | Path, records: Sequence[dict[str, Any]], config:
     return rows
 
 
-def method_options(method: str, particles: int, extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Constructor options of ``method``: its ensemble size (K particles, or K training samples for BBB/SA-BNN:
-    the config's ``size_field``) plus ``extra[method]``."""
-    size_field = METHODS[method].config_class.size_field
-    options = {size_field: particles} if size_field else {}
-    return {**options, **(extra or {}).get(method, {})}
-
-
-def test_time_samples(posterior: Posterior, requested: int) -> int:
-    """S for prediction: a point-mass particle posterior is evaluated on its K particles exactly once."""
-    if isinstance(posterior, ParticlePosterior) and float(posterior.sigma) == 0 and not posterior.dropout_at_test:
-        return posterior.num_particles
-    return requested
+def precision_option(command: Callable) -> Callable:
+    """The ``--precision`` option shared by the experiment commands."""
+    return click.option("--precision", type=click.Choice(list(AUTOCAST_DTYPES)), default="fp32",
+                        help="Autocast of the network in training and test: fp32 (none), bf16 or fp16; θ, softmax and "
+                             "metrics stay float32.")(command)
 
 
 def train_and_evaluate(
@@ -190,20 +183,24 @@ def train_and_evaluate(
     num_data: int,
     fit_options: dict[str, Any],
     num_samples: int,
-    ensemble: str = "mean_probs",
     output: Path | None = None,
     device: str | torch.device = "cpu",
+    precision: Precision = "fp32",
 ) -> dict[str, Any]:
     """Fit ``unit.method`` on a fresh LoRA model, then evaluate it once on the test loader.
 
-    ``test_loader`` is called only after training, so test data is never read before training ends.
+    ``test_loader`` is called only after training, so test data is never read before training ends. Point-mass
+    posteriors are evaluated on each particle once; others with ``num_samples`` draws (``Posterior.num_draws``);
+    the ensemble combines them in the posterior's own prediction mode.
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) is the autocast setting of training and prediction.
     Returns a JSON-ready record: test metrics, the cost of training, the per-epoch history and method state.
     """
     pyro.set_rng_seed(unit.seed)  # the LoRA initialisation must not depend on the units that ran before
     model = BayesianLoRA(build_net().to(device), num_data=num_data)
-    result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, **fit_options)
-    samples = test_time_samples(result.posterior, num_samples)
-    metrics, eval_seconds = _evaluate(unit, model, result.posterior, test_loader, samples, ensemble, output, device)
+    result = fit(unit.method, model, train_loader, seed=unit.seed, device=device, precision=precision, **fit_options)
+    requested = None if result.posterior.natural_num_samples else num_samples
+    metrics, samples, eval_seconds = _evaluate(unit, model, result.posterior, test_loader, requested, output, device,
+                                               precision)
     return {
         "metrics": metrics,
         "cost": {
@@ -230,6 +227,7 @@ def evaluate_untrained(
     num_data: int,
     output: Path | None = None,
     device: str | torch.device = "cpu",
+    precision: Precision = "fp32",
 ) -> dict[str, Any]:
     """The zero-shot baseline: the network at its LoRA initialisation θ₀ (B = 0, so the pretrained network
     itself), scored through the same classifier, predictive and metrics as the trained methods.
@@ -239,7 +237,7 @@ def evaluate_untrained(
     pyro.set_rng_seed(unit.seed)
     model = BayesianLoRA(build_net().to(device), num_data=num_data)
     posterior = ParticlePosterior(model.theta0[None])
-    metrics, eval_seconds = _evaluate(unit, model, posterior, test_loader, 1, "mean_probs", output, device)
+    metrics, _, eval_seconds = _evaluate(unit, model, posterior, test_loader, None, output, device, precision)
     cost = {"steps": 0, "wall_time_s": 0.0, "time_per_step_s": 0.0, "passes_per_step": 0,
             "num_particles_or_samples": 1, "test_samples": 1, "peak_memory_mb": peak_memory_mb(torch.device(device)),
             "eval_time_s": eval_seconds, "trainable_parameters": model.dim}
@@ -247,18 +245,21 @@ def evaluate_untrained(
 
 
 def _evaluate(unit: Unit, model: BayesianLoRA, posterior: Posterior, test_loader: Callable[[], Iterable],
-              samples: int, ensemble: str, output: Path | None,
-              device: str | torch.device) -> tuple[dict[str, Any], float]:
-    """(test metrics, seconds) of ``samples`` fixed draws of ``posterior``; writes the reliability diagram."""
+              requested: int | None, output: Path | None, device: str | torch.device,
+              precision: Precision) -> tuple[dict[str, Any], int, float]:
+    """(test metrics, S, seconds) of fixed draws of ``posterior`` (``Posterior.num_draws(requested)`` of them),
+    combined in its own prediction mode; writes the reliability diagram."""
     start = time.perf_counter()
-    draws = fixed_draws(posterior, samples, seed=unit.seed)
-    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device)
+    draws = fixed_draws(posterior, requested, seed=unit.seed)
+    samples, ensemble = posterior.num_draws(requested), posterior.prediction
+    probs, targets = predict_loader(model, draws, test_loader(), samples, device=device, seed=unit.seed,
+                                    precision=precision)
     metrics = {**evaluate_predictions(probs, targets, mode=ensemble), "ensemble": ensemble, "num_samples": samples}
     eval_seconds = time.perf_counter() - start
     if output is not None:
         reliability_diagram(ensemble_probs(probs, ensemble), targets,
                             Path(output) / "reliability" / f"{unit.key}.png", title=f"{unit.method} on {unit.task}")
-    return metrics, eval_seconds
+    return metrics, samples, eval_seconds
 
 
 def _json_ready(value: Any) -> Any:

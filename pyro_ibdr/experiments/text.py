@@ -23,8 +23,10 @@ and every question of the batch goes through the LM in one pass.
 :class:`EncoderChoiceClassifier` returns the ``(B, n_choices)`` logits of an ``AutoModelForMultipleChoice``
 (e.g. MiniLM) as a plain tensor.
 
-Both take the batch as keyword tensors (``net(**inputs)``), work inside ``peft.get_peft_model`` and under
-``torch.func.functional_call`` + ``torch.vmap`` over LoRA parameters (checked with eager and SDPA attention).
+Both take the batch as keyword tensors (``net(**inputs)``), work inside ``peft.get_peft_model``, under
+``torch.func.functional_call`` + ``torch.vmap`` over LoRA parameters (checked with eager and SDPA attention),
+and in the fused particle pass (:mod:`pyro_ibdr.particle_lora`), where the decoder returns K·B rows for a
+mask of B rows.
 """
 
 from __future__ import annotations
@@ -66,8 +68,13 @@ class AnswerTokenClassifier(nn.Module):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        position_ids=positions, use_cache=False).last_hidden_state
+        positions = last_real_position(attention_mask)
+        if hidden.shape[0] != positions.shape[0]:  # K·B particle rows (the fused pass), laid out particle-major
+            if hidden.shape[0] % positions.shape[0]:
+                raise ValueError(f"the decoder returned {hidden.shape[0]} rows for {positions.shape[0]} examples")
+            positions = positions.repeat(hidden.shape[0] // positions.shape[0])
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, last_real_position(attention_mask)]  # (B, H)
+        last = hidden[rows, positions]  # (B, H), or (K·B, H)
         return self.lm.get_output_embeddings()(last)[..., self.answer_ids]
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 import timm
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PveraConfig
 from torch import nn
 
 from pyro_ibdr.experiments.assets.dinov2 import (
@@ -144,6 +144,12 @@ def split_qkv(model: nn.Module) -> nn.Module:
     return model
 
 
+def _qv_regex(targets: Literal["qv", "qkv"]) -> str:
+    if targets not in _TARGETS:
+        raise ValueError(f"targets must be one of {sorted(_TARGETS)}, got {targets!r}")
+    return rf".*\.qkv\.({_TARGETS[targets]})"
+
+
 def vit_lora_config(r: int, alpha: float, *, targets: Literal["qv", "qkv"] = "qv", head_name: str = "head",
                     dropout: float = 0.0) -> LoraConfig:
     """peft LoRA on the (split) q and v projections of every block, the new head fully trained.
@@ -154,12 +160,19 @@ def vit_lora_config(r: int, alpha: float, *, targets: Literal["qv", "qkv"] = "qv
             model prepared with :func:`split_qkv`.
         head_name: the classifier module, trained in full and saved with the adapters (``modules_to_save``).
     """
-    if targets not in _TARGETS:
-        raise ValueError(f"targets must be one of {sorted(_TARGETS)}, got {targets!r}")
     if r < 1:
         raise ValueError(f"LoRA rank must be positive, got {r}")
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                      target_modules=rf".*\.qkv\.({_TARGETS[targets]})", modules_to_save=[head_name])
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=_qv_regex(targets),
+                      modules_to_save=[head_name])
+
+
+def vit_pvera_config(r: int, *, targets: Literal["qv", "qkv"] = "qv", head_name: str = "head",
+                     dropout: float = 0.0) -> PveraConfig:
+    """peft PVeRA (rank ``r`` of its shared random projections) on the same layers as :func:`vit_lora_config`,
+    the new head fully trained."""
+    if r < 1:
+        raise ValueError(f"PVeRA rank must be positive, got {r}")
+    return PveraConfig(r=r, pvera_dropout=dropout, target_modules=_qv_regex(targets), modules_to_save=[head_name])
 
 
 def create_offline_vit(num_classes: int, img_size: int = 224, *, cache: Path | None = None) -> nn.Module:

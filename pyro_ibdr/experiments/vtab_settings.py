@@ -1,8 +1,10 @@
-"""Per-task settings of the authors' final VTAB-1k configurations (the ``official`` preset)."""
+"""Per-task settings of the authors' final VTAB-1k configurations, combined with the ``official`` preset."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ..presets import OFFICIAL, Preset
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,16 @@ OFFICIAL_VTAB: dict[str, VTABTaskSettings] = {
     "smallnorb_ele": VTABTaskSettings(0.1, 8, 8, 0.1, 0.25, 4, True),
 }
 
-#: The authors' schedule: SGD with momentum 0.9, 500 warm-up steps then cosine, batch 64, 150 epochs.
-OFFICIAL_SCHEDULE = {"optimizer": "sgd", "momentum": 0.9, "warmup_steps": 500, "batch_size": 64, "epochs": 150}
-
-
 def official_vtab_settings(task: str) -> VTABTaskSettings:
     """The authors' settings for a canonical VTAB-1k task name."""
     if task not in OFFICIAL_VTAB:
         raise ValueError(f"no official settings for task {task!r}; known: {sorted(OFFICIAL_VTAB)}")
     return OFFICIAL_VTAB[task]
+
+
+def official_preset(task: str) -> Preset:
+    """:data:`~pyro_ibdr.presets.OFFICIAL` with the task's lr, K, ε (= ρ of the output cost), clip and
+    augmentation (the LoRA rank/alpha of the table shape the network, not the preset)."""
+    tuned = official_vtab_settings(task)
+    return OFFICIAL.replace(lr=tuned.lr, num_particles=tuned.particles, rho=tuned.epsilon, clip_norm=tuned.clip,
+                            augment=tuned.augment)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Literal
 
 import pyro.optim
 import torch
+from pyro import poutine
 
 from ..functional import Inputs
 from ..model import BayesianLoRA
@@ -15,21 +17,46 @@ from ..posterior import Posterior
 
 METHODS: dict[str, type[Method]] = {}
 
+#: What a method trains: LoRA factors (peft ``LoraConfig``), every weight of a plain network, or peft's PVeRA vectors.
+Adapter = Literal["lora", "full", "pvera"]
+
+
+ObjectiveScale = Literal["elbo", "per_example"]
+
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """The weights' optimiser; ``lr`` is the base rate that schedules scale."""
+    """The weights' optimiser; ``lr`` is the base rate that schedules scale.
+
+    ``objective_scale`` fixes the units of the objective whose gradient the optimiser follows, and so what
+    ``lr`` means:
+
+    - ``"elbo"`` (Pyro's default): the negative ELBO, a minibatch sum scaled to the data set,
+      (N/B) Σ_b −log p(y_b | x_b, θ) + KL. Its gradient is N times that of a per-example mean.
+    - ``"per_example"``: the negative ELBO divided by N, i.e. the per-example mean loss + KL/N: the scale
+      that SGD learning rates from papers assume (the IBDR authors' 0.1–2.0). Implemented the Pyro way, with
+      ``pyro.poutine.scale(scale=1/N)`` around the step, which scales model and guide sites alike.
+
+    Adam and AdamW are nearly invariant to the scale; SGD is not. SGLD and SVGD state how they read it.
+    """
 
     lr: float = 1e-3
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    objective_scale: ObjectiveScale = "elbo"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {self.optimizer!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.objective_scale not in ("elbo", "per_example"):
+            raise ValueError(f"objective_scale must be 'elbo' or 'per_example', got {self.objective_scale!r}")
+
+    def scale_factor(self, num_data: int) -> float:
+        """The factor from ELBO units to the objective's units: 1 or 1/N."""
+        return 1.0 if self.objective_scale == "elbo" else 1.0 / num_data
 
     def pyro_optimizer(self) -> pyro.optim.PyroOptim:
         """A Pyro optimiser (one torch optimiser per parameter tensor)."""
@@ -85,11 +112,17 @@ class Method(ABC):
     :meth:`step` (one minibatch update, returning the terms to log) and :meth:`posterior`, and report
     :attr:`passes_per_step`: the number of forward+backward passes over B examples one step costs
     (K particles × ascent passes), the unit in which comparisons state their compute. A method that keeps
-    a Pyro optimiser in ``self.optim`` gets its scheduled learning rate through :meth:`set_lr`.
+    a Pyro optimiser in ``self.optim`` gets its scheduled learning rate through :meth:`set_lr`. A post-hoc step
+    on the trained model (e.g. fitting a Laplace approximation) goes in :meth:`finalize`, which
+    :func:`~pyro_ibdr.fit` calls once after the last step.
+
+    :cvar adapter: the network the method expects, read by the experiment CLIs when they build it: ``"lora"``
+        (peft LoRA, the default), ``"full"`` (a plain network, every weight in θ) or ``"pvera"`` (peft PVeRA).
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    adapter: ClassVar[Adapter] = "lora"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -130,11 +163,22 @@ class Method(ABC):
     def posterior(self) -> Posterior:
         """The current posterior (detached copies of the learned tensors)."""
 
+    def objective_units(self) -> poutine.messenger.Messenger:
+        """A context that puts the model's and guide's log-densities in the units of
+        ``optim.objective_scale`` (``poutine.scale``); SVI-based methods run their steps inside it."""
+        return poutine.scale(scale=self.optim_settings.scale_factor(self.model.num_data))
+
     def set_lr(self, lr: float) -> None:
         """Apply a scheduled learning rate (to ``self.optim`` when the method has one)."""
         self.lr = lr
         if self.optim is not None:
             set_learning_rate(self.optim, lr)
+
+    def finalize(self, train_loader: Iterable[tuple[Inputs, torch.Tensor]]) -> None:  # noqa: B027 (a no-op hook)
+        """A post-hoc step after training, given re-iterable training batches (x, y) on the model's device.
+
+        The default does nothing.
+        """
 
     def state(self) -> dict[str, Any]:
         """Extra state to checkpoint besides the posterior (e.g. IBDR's λ)."""

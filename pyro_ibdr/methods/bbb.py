@@ -96,7 +96,8 @@ class BayesByBackprop(Method):
     :class:`MeanFieldGuide`). μ starts at the LoRA initialisation θ0 and σ at ``init_scale``: μ = 0 would put
     A = B = 0, a saddle point of LoRA with zero gradient. KL annealing: w_t = min(1, (t + 1)/T) for
     ``kl_anneal_steps`` = T > 0 (w = 1 otherwise), applied as a scale on the θ site of model and guide,
-    which ``TraceMeanField_ELBO`` multiplies into the KL.
+    which ``TraceMeanField_ELBO`` multiplies into the KL. Steps run in the units of ``optim.objective_scale``
+    (``loss`` with them; ``kl`` is KL(q ‖ p) itself).
     """
 
     name = "bbb"
@@ -148,7 +149,8 @@ class BayesByBackprop(Method):
 
     def step(self, x: Inputs, y: torch.Tensor) -> dict[str, float]:
         weight = self.kl_weight
-        loss = self.svi.step(x, y)
+        with self.objective_units():
+            loss = self.svi.step(x, y)
         self.num_steps += 1
         return {"loss": float(loss), "kl": float(self.kl()), "kl_weight": weight}
 

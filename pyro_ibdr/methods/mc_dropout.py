@@ -39,12 +39,17 @@ class MCDropout(MAP):
         self, model: BayesianLoRA, config: MCDropoutConfig | None = None, optim: OptimSettings | None = None,
         *, seed: int = 0,
     ) -> None:
+        self.check_network(model)
+        super().__init__(model, config, optim, seed=seed)
+
+    @staticmethod
+    def check_network(model: BayesianLoRA) -> None:
+        """Raise ``ValueError`` unless the network has a source of noise to sample at test (a dropout module)."""
         if not has_dropout(model.net):
             raise ValueError(
                 "MC dropout needs a network with a dropout module of rate p > 0; set peft's "
                 "LoraConfig(lora_dropout=...) or use a backbone with dropout"
             )
-        super().__init__(model, config, optim, seed=seed)
 
     def step(self, x: Inputs, y: torch.Tensor) -> dict[str, float]:
         with training_mode(self.model.net, True):

@@ -61,7 +61,8 @@ class SABNN(BayesByBackprop):
         return 2 * self.num_samples
 
     def step(self, x: Inputs, y: torch.Tensor) -> dict[str, float]:
-        self.svi.step(x, y)
+        with self.objective_units():
+            self.svi.step(x, y)
         self.num_steps += 1
         return {name: self.loss.terms[name] for name in ("loss", "data", "kl")}
 

@@ -39,8 +39,10 @@ class SGLD(Method):
 
         θ ← θ − (ε/2) ∇U(θ) + N(0, ε T I),    U(θ) = −log p(θ) − (N/B) Σ_b log p(y_b | x_b, θ).
 
-    The step size is ε = 2·lr/N, so the drift is plain SGD with rate ``lr`` on the per-example loss U/N and
-    ``lr`` keeps the meaning it has for the other methods (schedules scale it); the noise has std √(εT).
+    The step size is ε = 2·lr/N, so the drift is plain SGD with rate ``lr`` on the per-example loss U/N
+    (schedules scale it); the noise has std √(εT). SGLD's ``lr`` is therefore always in the units of
+    ``OptimSettings(objective_scale="per_example")``, whatever ``objective_scale`` says: a rate set for the
+    ELBO units of the other methods corresponds to ``lr`` = N × that rate here.
     The chain starts at the LoRA initialisation θ0; after ``burn_in`` steps every ``thin``-th state is kept
     in a FIFO buffer of at most ``num_samples``. The optimiser settings other than ``lr`` are not used.
     """

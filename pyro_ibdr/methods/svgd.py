@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import pyro
+import pyro.optim
 import torch
 from pyro.infer import SVGD
 from pyro.infer.svgd import SteinKernel
 
 from ..functional import Inputs
+from ..initialisation import seeded_particles
 from ..kernels import FlooredRBFSteinKernel, ScalarRBFKernel
 from ..model import THETA, BayesianLoRA
 from ..posterior import ParticlePosterior, Posterior
@@ -30,6 +32,20 @@ def make_kernel(kind: str, bandwidth_factor: float = 1.0) -> SteinKernel:
     if kind == "pyro_rbf":
         return FlooredRBFSteinKernel(bandwidth_factor)
     raise ValueError(f"kernel must be 'scalar_rbf' or 'pyro_rbf', got {kind!r}")
+
+
+class _ScaledGradients:
+    """A Pyro optimiser called on gradients multiplied by ``factor`` first."""
+
+    def __init__(self, optim: pyro.optim.PyroOptim, factor: float) -> None:
+        self.optim = optim
+        self.factor = factor
+
+    def __call__(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        for param in params:
+            if param.grad is not None:
+                param.grad.mul_(self.factor)
+        self.optim(params, *args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -54,12 +70,17 @@ class SteinVGD(Method):
 
     the log joint estimated on the minibatch (likelihood scaled by N/B), stepped by the weights' optimiser.
     Pyro's SVGD runs in ``mode="multivariate"`` (one joint kernel over all of θ). Its initial particles are
-    prior draws; here they start from K LoRA initialisations (``model.init_particles``). Pyro keeps the
-    particles under one global name (:data:`PARTICLES_PARAM`), so only one SVGD run fits in a param store.
+    prior draws; here they start from K seeded LoRA initialisations
+    (:func:`~pyro_ibdr.initialisation.seeded_particles`). Pyro keeps the particles under one global name
+    (:data:`PARTICLES_PARAM`), so only one SVGD run fits in a param store.
+
+    Units: φ's target is the posterior whatever ``optim.objective_scale`` says (scaling the log joint would
+    temper it, since the kernel's repulsion is not scaled); with ``"per_example"`` the direction φ itself is
+    divided by N before the optimiser, so ``lr`` means what it means for the other methods.
 
     ``step`` reports ``loss`` = −(1/K) Σ_n log p(θ_n, D_b), the mean negative minibatch log joint of the
-    particles (from the same pass that computes the gradients), and ``sq_grad``, the mean squared entry of
-    the SVGD update direction (Pyro's convergence monitor).
+    particles (from the same pass that computes the gradients; divided by N in per-example units), and
+    ``sq_grad``, the mean squared entry of the SVGD update direction in ELBO units (Pyro's convergence monitor).
     """
 
     name = "svgd"
@@ -79,14 +100,20 @@ class SteinVGD(Method):
             model, self.kernel, self.optim, num_particles=self.num_particles,
             max_plate_nesting=model.max_plate_nesting, mode="multivariate",
         )
-        self.initial_particles = model.init_particles(self.num_particles, torch.Generator().manual_seed(seed))
+        self.factor = self.optim_settings.scale_factor(model.num_data)
+        if self.factor != 1.0:  # Pyro's SVGD calls self.optim(params) once φ is in the .grad fields
+            self.svgd.optim = _ScaledGradients(self.optim, self.factor)
+        self.initial_particles = seeded_particles(model, self.num_particles, seed)
         self.num_steps = 0
         self.svgd.loss = self._recording(self.svgd.loss)
         self._last_loss = float("nan")
+        self._autocast: tuple[bool, torch.dtype] = (False, torch.float32)
 
     def _recording(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
-            loss = loss_fn(*args, **kwargs)
+            enabled, dtype = self._autocast  # the caller's autocast applies to the model, not to the kernel algebra
+            with torch.autocast(self.initial_particles.device.type, dtype=dtype, enabled=enabled):
+                loss = loss_fn(*args, **kwargs)
             self._last_loss = float(loss.detach())
             return loss
 
@@ -101,9 +128,12 @@ class SteinVGD(Method):
             # Pyro's guide would start from prior draws. Its parameter is the flat (K·1·D) vector of unconstrained
             # θ's, equal to the constrained ones on the real line; a parameter left by an earlier run is replaced.
             pyro.get_param_store()[PARTICLES_PARAM] = self.initial_particles.reshape(-1).clone()
-        squared = self.svgd.step(x, y)
+        device = self.initial_particles.device.type
+        self._autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        with torch.autocast(device, enabled=False):  # Pyro's kernel products write the float32 particles' .grad
+            squared = self.svgd.step(x, y)
         self.num_steps += 1
-        return {"loss": self._last_loss / self.num_particles, "sq_grad": float(squared[THETA])}
+        return {"loss": self.factor * self._last_loss / self.num_particles, "sq_grad": float(squared[THETA])}
 
     def particles(self) -> torch.Tensor:
         """The current particles (K, D); the initial ones before the first step."""

@@ -43,3 +43,17 @@ def lora_vit(seed: int = 0, num_classes: int = 10, img_size: int = 8) -> nn.Modu
     )
     config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["qkv"], modules_to_save=["head"])
     return peft.get_peft_model(vit, config)
+
+
+def plain_mlp(seed: int = 0, **kwargs) -> nn.Module:
+    """A TinyMLP with random weights, all trainable, without adapters (for full fine-tuning)."""
+    torch.manual_seed(seed)
+    return TinyMLP(**kwargs)
+
+
+def pvera_mlp(seed: int = 0, rank: int = 8, targets: tuple[str, ...] = ("fc1", "fc2"), head: bool = True,
+              **kwargs) -> nn.Module:
+    """A TinyMLP with random frozen weights and peft's PVeRA on ``targets``; the head is trained too when ``head``."""
+    torch.manual_seed(seed)
+    config = peft.PveraConfig(r=rank, target_modules=list(targets), modules_to_save=["head"] if head else None)
+    return peft.get_peft_model(TinyMLP(**kwargs), config)
