@@ -121,7 +121,8 @@ def test_two_choice_task_keeps_alpha_and_gets_a_constant_diversity_term(model_di
 
 def test_the_official_preset_shapes_ibdr(model_dir: Path, arc_files: tuple[Path, Path], tmp_path: Path) -> None:
     output = tmp_path / "out"
-    result = _invoke(model_dir, *arc_files, output, "--tasks", "arc_easy", "--methods", "ibdr", "--preset", "official")
+    result = _invoke(model_dir, *arc_files, output, "--tasks", "arc_easy", "--methods", "ibdr", "--preset", "official",
+                     "--lr", "5e-4")
     assert result.exit_code == 0, result.output
     record = json.loads((output / "runs" / "arc_easy__ibdr__seed0.json").read_text())
     assert record["metrics"]["ensemble"] == "mean_logits"

@@ -261,7 +261,8 @@ def test_official_preset_comes_from_the_library(data_dir: Path, tmp_path: Path) 
 @pytest.mark.filterwarnings("ignore:K = 4 particles exceed C − 1:UserWarning")  # the test-set DPP volume metric
 def test_a_binary_task_with_more_particles_than_wrong_classes_runs(data_dir: Path, tmp_path: Path) -> None:
     args = ["--data-dir", str(data_dir), "--output", str(tmp_path / "out"), "--methods", "ibdr", "--task",
-            "patch_camelyon", "--model", "test_vit", "--img-size", "32", "--particles", "4", "--epochs", "1",
+            "patch_camelyon", "--model", "test_vit", "--random-init", "--img-size", "32",
+            "--particles", "4", "--epochs", "1",
             "--batch-size", "16", "--threads", "1", "--alpha", "0.5"]
     with pytest.warns(UserWarning, match="K = 4 particles exceed C − 1 = 1 .* set to 0"):
         result = CliRunner().invoke(vtab.main, args)
