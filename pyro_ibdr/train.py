@@ -91,14 +91,18 @@ def _check_length(epochs: int | None, steps: int | None) -> None:
 
 
 def _total_steps(loader: Iterable, epochs: int | None, steps: int | None) -> int:
+    """Steps to run; a loader with ``len() == 0`` is refused here, before the method is built or any step runs."""
+    try:
+        per_epoch: int | None = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        per_epoch = None
+    if per_epoch == 0:
+        raise ValueError("the training loader is empty (len 0): no training data, or fewer examples than one "
+                         "batch with drop_last=True")
     if steps is not None:
         return steps
-    try:
-        per_epoch = len(loader)  # type: ignore[arg-type]
-    except TypeError as err:
-        raise ValueError("training for a number of epochs needs a loader with len(); pass steps instead") from err
-    if per_epoch == 0:
-        raise ValueError("the training loader is empty")
+    if per_epoch is None:
+        raise ValueError("training for a number of epochs needs a loader with len(); pass steps instead")
     return epochs * per_epoch
 
 
@@ -168,7 +172,8 @@ def num_particles_or_samples(method: Method, posterior: Posterior) -> int | None
     return None
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on a CUDA device, else the process's peak resident set size, in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
@@ -399,6 +404,8 @@ def fit(
                     bar.set_postfix({k: f"{terms[k]:.4g}" for k in ("loss", "lambda") if k in terms}, refresh=False)
                     if done.step == total:
                         break
+                if count == 0 and done.epoch == 0:
+                    raise ValueError("the training loader yielded no batches in pass 1: the training data is empty")
                 if count == 0:
                     raise ValueError(
                         f"the training loader yielded no batches in pass {done.epoch + 1}; a generator can be "
@@ -435,7 +442,7 @@ def fit(
         wall_time_s=wall,
         time_per_step_s=wall / done.step,
         passes_per_step=runner.passes_per_step,
-        peak_memory_mb=_peak_memory_mb(device),
+        peak_memory_mb=peak_memory_mb(device),
         num_particles_or_samples=num_particles_or_samples(runner, posterior),
         state=runner.state(),
         config=runner.config.to_dict(),

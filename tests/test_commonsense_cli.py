@@ -9,9 +9,13 @@ from typing import Any
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner, Result
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pyro_ibdr.experiments import cli, commonsense
+from pyro_ibdr.experiments.data.commonsense import ClozeCollator, CommonsenseSplits, format_rows, get_task, load_files
+from pyro_ibdr.experiments.text import ClozeClassifier
 from tests._dummies.cli import assert_help_documents_every_option, error_message
 from tests._dummies.text import make_tokenizer, tiny_lm, write_jsonl
 
@@ -63,8 +67,10 @@ def _invoke(model: Path, train: Path, test: Path, output: Path, *extra: str) -> 
 
 
 def test_cli_end_to_end_on_arc_files(model_dir: Path, arc_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """The BLoB letter formulation, without the zero-shot row."""
     output = tmp_path / "out"
-    result = _invoke(model_dir, *arc_files, output, "--tasks", "arc_easy", "--methods", "map,ibdr")
+    result = _invoke(model_dir, *arc_files, output, "--tasks", "arc_easy", "--methods", "map,ibdr",
+                     "--formulation", "letter", "--no-zero-shot")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     for metric in ("accuracy", "ece"):
@@ -77,6 +83,7 @@ def test_cli_end_to_end_on_arc_files(model_dir: Path, arc_files: tuple[Path, Pat
     config = saved["config"]
     assert (config["tasks"], config["source"], config["methods"]) == (["arc_easy"], "files", ["map", "ibdr"])
     assert (config["model"], config["particles"], config["steps"], config["threads"]) == (str(model_dir), 2, 3, 1)
+    assert (config["formulation"], config["length_normalization"], config["zero_shot"]) == ("letter", None, False)
     assert [(r["task"], r["method"]) for r in saved["summary"]] == [
         ("arc_easy", "map"), ("arc_easy", "ibdr"), ("mean", "map"), ("mean", "ibdr")]
     runs = {r["method"]: r for r in saved["runs"]}
@@ -114,7 +121,8 @@ def test_two_choice_task_keeps_alpha_and_gets_a_constant_diversity_term(model_di
 
 def test_the_official_preset_shapes_ibdr(model_dir: Path, arc_files: tuple[Path, Path], tmp_path: Path) -> None:
     output = tmp_path / "out"
-    result = _invoke(model_dir, *arc_files, output, "--tasks", "arc_easy", "--methods", "ibdr", "--preset", "official")
+    result = _invoke(model_dir, *arc_files, output, "--tasks", "arc_easy", "--methods", "ibdr", "--preset", "official",
+                     "--lr", "5e-4")
     assert result.exit_code == 0, result.output
     record = json.loads((output / "runs" / "arc_easy__ibdr__seed0.json").read_text())
     assert record["metrics"]["ensemble"] == "mean_logits"
@@ -145,6 +153,78 @@ def test_bad_input_is_refused_before_loading(model_dir: Path, arc_files: tuple[P
     assert not output.exists()
 
 
+def test_cloze_default_prints_zero_shot_beside_the_methods(model_dir: Path, arc_files: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    result = _invoke(model_dir, *arc_files, output, "--tasks", "arc_easy", "--methods", "map,ibdr",
+                     "--length-normalization", "chars")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    for metric in ("accuracy", "ece"):
+        assert next(line for line in lines if line.startswith(metric)).split() == [metric, "zero_shot", "map", "ibdr"]
+    saved = json.loads((output / "results.json").read_text())
+    config = saved["config"]
+    assert (config["formulation"], config["length_normalization"], config["eval_split"]) == ("cloze", "chars", "test")
+    assert config["device"] == ("cuda" if torch.cuda.is_available() else "cpu") and config["device_name"]
+    assert {"torch", "pyro", "peft", "transformers", "python"} <= set(config["versions"])
+    runs = {r["method"]: r for r in saved["runs"]}
+    zero = runs["zero_shot"]
+    assert zero["cost"]["steps"] == 0 and zero["cost"]["test_samples"] == 1 and zero["history"] == []
+    assert zero["cost"]["trainable_parameters"] == LORA_SIZE == runs["map"]["cost"]["trainable_parameters"]
+    # zero-shot = the untrained model through the same cloze classifier and metrics
+    tokenizer, lm = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+    test = load_files("arc_easy", *arc_files).test
+    inputs, labels = ClozeCollator(tokenizer, 64, "chars")(test)
+    with torch.no_grad():
+        logits = ClozeClassifier(lm.eval())(**inputs)
+    assert zero["metrics"]["accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+    nll = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert zero["metrics"]["nll"] == pytest.approx(nll, rel=1e-4)
+    assert runs["map"]["metrics"]["nll"] != pytest.approx(nll, rel=1e-4)  # map trained: it differs
+
+
+def test_select_evaluates_on_held_out_training_questions(model_dir: Path, arc_files: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    result = _invoke(model_dir, *arc_files, output, "--tasks", "arc_easy", "--methods", "map", "--select", "3")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((output / "results.json").read_text())
+    assert saved["config"]["eval_split"] == "validation (3 training questions)"
+    assert {r["method"]: r["data"]["train"] for r in saved["runs"]} == {"zero_shot": 5, "map": 5}
+    assert all(r["data"]["test"] == 3 for r in saved["runs"])
+    message = error_message(_invoke(model_dir, *arc_files, tmp_path / "o2", "--tasks", "arc_easy", "--select", "8"))
+    assert "validation part of 8 questions needs 0 < size < 8" in message
+
+
+def test_empty_splits_are_refused_before_loading_the_model(model_dir: Path, arc_files: tuple[Path, Path],
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a refused command must not load a model")
+
+    monkeypatch.setattr(commonsense, "load_backbone", no_loading)
+    train, _ = arc_files
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    message = error_message(_invoke(model_dir, train, empty, tmp_path / "out", "--tasks", "arc_easy"))
+    assert f"arc_easy: the test split ({empty}) is empty: it has no rows" in message
+    three = write_jsonl(tmp_path / "three.jsonl", [
+        {"id": f"t{i}", "question": "pick red", "answerKey": "A",
+         "choices": {"text": COLOURS[:3], "label": list("ABC")}} for i in range(2)])
+    message = error_message(_invoke(model_dir, train, three, tmp_path / "out", "--tasks", "arc_easy"))
+    assert "the test split" in message and "all 2 rows were dropped, none has the task's 4 choices" in message
+    message = error_message(_invoke(model_dir, three, arc_files[1], tmp_path / "out", "--tasks", "arc_easy"))
+    assert "the train split" in message and "all 2 rows were dropped" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_device_without_hardware_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a machine with a GPU
+    message = error_message(CliRunner().invoke(commonsense.main, ["--device", "cuda"]))
+    assert "--device" in message and "no CUDA GPU is visible" in message
+    message = error_message(CliRunner().invoke(commonsense.main, ["--device", "tpu7"]))
+    assert "unknown device 'tpu7'" in message
+
+
 def test_help_documents_every_option() -> None:
     assert len([p for p in commonsense.main.params if isinstance(p, click.Option)]) >= 23
     assert_help_documents_every_option(commonsense.main)
@@ -172,6 +252,37 @@ def test_a_saved_posterior_scores_new_questions(model_dir: Path, arc_files: tupl
     message = error_message(CliRunner().invoke(cli.main, ["predict", str(posterior), "--split", "test"]))
     assert "--split do(es) not apply to a commonsense posterior" in message
 
+
+def test_the_offline_default_runs_the_six_datasets_with_zero_shot_map_and_ibdr(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No data or model options: every paper dataset from the offline source, through the tiny Llama."""
+    asked = []
+
+    def offline(task: str, source: str, **files: Path) -> CommonsenseSplits:
+        asked.append((task, source, files))
+        kind, rows = ("boolq", _boolq_rows(10)) if get_task(task).n_choices == 2 else ("arc_easy", _arc_rows(10))
+        records, _ = format_rows(kind, rows)
+        return CommonsenseSplits(task, records[:6], records[6:], get_task(task).n_choices, 0)
+
+    def tiny_backbone(name: str, *, load_in_8bit: bool) -> tuple[object, torch.nn.Module, bool]:
+        assert (name, load_in_8bit) == (commonsense.OFFLINE_LM, False)
+        tokenizer = make_tokenizer()
+        return tokenizer, tiny_lm(len(tokenizer)), False
+
+    monkeypatch.setattr(commonsense, "load_commonsense", offline)
+    monkeypatch.setattr(commonsense, "load_backbone", tiny_backbone)
+    output = tmp_path / "out"
+    result = CliRunner().invoke(commonsense.main, ["--output", str(output), "--threads", "1", "--steps", "1",
+                                                  "--num-samples", "2"])
+    assert result.exit_code == 0, result.output
+    six = ["winogrande_s", "arc_challenge", "arc_easy", "winogrande_m", "obqa", "boolq"]
+    assert asked == [(task, "offline", {}) for task in six]
+    accuracy = next(line for line in result.stdout.splitlines() if line.startswith("accuracy"))
+    assert accuracy.split() == ["accuracy", "zero_shot", "map", "ibdr"]
+    saved = json.loads((output / "results.json").read_text())
+    assert saved["config"]["formulation"] == "cloze" and saved["config"]["eval_split"] == "test"
+    assert sorted((r["task"], r["method"]) for r in saved["runs"]) == sorted(
+        (task, method) for task in six for method in ("zero_shot", "map", "ibdr"))
 
 @pytest.mark.parametrize(("method", "samples"), [("mle", 1), ("fft", 1), ("laplace", 2), ("ivon", 2), ("pvera", 2)])
 def test_each_new_baseline_runs_from_the_cli(model_dir: Path, arc_files: tuple[Path, Path], tmp_path: Path,

@@ -154,11 +154,29 @@ def test_fit_rejects_bad_arguments(data):
         fit("map", model, loader, steps=1, schedule="linear")
     with pytest.raises(ValueError, match="preset and method options apply only when the method is given by name"):
         fit(create_method("map", model), model, loader, steps=1, num_particles=2)
-    with pytest.raises(ValueError, match="yielded no batches in pass 1"):
+    with pytest.raises(ValueError, match="yielded no batches in pass 1: the training data is empty"):
         fit("map", model, (b for b in []), steps=1)
     with pytest.raises(ValueError, match="yielded no batches in pass 2; a generator can be iterated only once"):
         fit("map", model, (b for b in [(x[:8], y[:8])]), steps=2, progress=False)
     assert "map" in METHODS
+
+
+def test_an_empty_loader_is_refused_before_any_step(data, monkeypatch):
+    """Both lengths (epochs and steps), an empty dataset and drop_last with too few examples: error, no step."""
+    x, y, _, _ = data
+    model = BayesianLoRA(lora_mlp().eval(), num_data=len(y))
+    steps_taken = []
+    real_step = METHODS["map"].step
+    monkeypatch.setattr(METHODS["map"], "step", lambda self, *a: steps_taken.append(1) or real_step(self, *a))
+    empty = DataLoader(TensorDataset(x[:0], y[:0]), batch_size=8)
+    short = DataLoader(TensorDataset(x[:5], y[:5]), batch_size=8, drop_last=True)
+    for loader in (empty, short):
+        for length in ({"epochs": 1}, {"steps": 3}):
+            with pytest.raises(ValueError, match=r"the training loader is empty \(len 0\)"):
+                fit("map", model, loader, progress=False, **length)
+    assert steps_taken == []
+    fit("map", model, loader_of(x[:16], y[:16]), steps=1, progress=False)
+    assert steps_taken == [1]  # the spy does see steps
 
 
 def test_a_nan_input_names_the_step(data):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
@@ -17,8 +18,8 @@ from pyro_ibdr.experiments.data import vtab as vtab_data
 from tests._dummies.cli import assert_help_documents_every_option, error_message
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 210)]  # three flat-colour classes of the 10 EuroSAT labels
-TINY = ["--task", "eurosat", "--model", "test_vit", "--img-size", "32", "--particles", "2", "--epochs", "1",
-        "--batch-size", "16", "--threads", "1"]  # timm's 6-block, 64-wide test ViT with random weights
+TINY = ["--task", "eurosat", "--model", "test_vit", "--random-init", "--img-size", "32", "--particles", "2",
+        "--epochs", "1", "--batch-size", "16", "--threads", "1"]  # timm's 6-block, 64-wide test ViT, random weights
 
 
 def _split(folder: Path, name: str, n: int, classes: int = len(COLOURS)) -> list[str]:
@@ -55,13 +56,18 @@ def _invoke(data_dir: Path, output: Path, methods: str = "map,ibdr", *extra: str
 
 @pytest.fixture
 def events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Record, in order, each file list the data code reads and each fit() call that returns."""
+    """Record, in order, each file list read, each image decoded (by split) and each fit() call that returns."""
     log: list[tuple[str, str]] = []
-    real_read, real_fit = vtab_data.read_file_list, experiment.fit
+    real_read, real_load, real_fit = vtab_data.read_file_list, vtab_data.load_image, experiment.fit
 
     def read_file_list(path: str | Path) -> list[tuple[str, int]]:
         log.append(("read", Path(path).name))
         return real_read(path)
+
+    def load_image(path: Path) -> Image.Image:
+        if not log or log[-1] != ("decode", path.name.split("_")[0]):
+            log.append(("decode", path.name.split("_")[0]))  # images/<split>_<i>.png
+        return real_load(path)
 
     def fit(method: str, *args: object, **kwargs: object) -> object:
         result = real_fit(method, *args, **kwargs)
@@ -69,6 +75,7 @@ def events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
         return result
 
     monkeypatch.setattr(vtab_data, "read_file_list", read_file_list)
+    monkeypatch.setattr(vtab_data, "load_image", load_image)
     monkeypatch.setattr(experiment, "fit", fit)
     return log
 
@@ -91,6 +98,12 @@ def test_cli_end_to_end(data_dir: Path, tmp_path: Path) -> None:
     assert config["tasks"] == ["eurosat"] and config["methods"] == ["map", "ibdr"] and config["model"] == "test_vit"
     assert (config["img_size"], config["train_split"], config["eval_split"]) == (32, "train800val200", "test")
     assert {"pyro_ibdr", "torch", "pyro", "peft", "python"} <= set(config["versions"])
+    assert config["weights"] == "random initialisation (--random-init)"
+    assert config["device"] == ("cuda" if torch.cuda.is_available() else "cpu") and config["device_name"]
+    assert config["preprocess"] == {"protocol": "model", "timm_data_config": {  # test_vit's own timm configuration
+        "input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+        "crop_pct": 0.95, "crop_mode": "center"}}
+    assert config["data"]["eurosat"]["layout"] == "vtab_lists" and config["data"]["eurosat"]["num_classes"] == 10
     assert config["settings"]["eurosat"]["particles"] == 2 and config["settings"]["eurosat"]["epochs"] == 1
     assert [(r["task"], r["method"]) for r in saved["summary"]] == [
         ("eurosat", "map"), ("eurosat", "ibdr"), ("mean", "map"), ("mean", "ibdr")]
@@ -131,21 +144,23 @@ def test_rerun_reuses_finished_records(data_dir: Path, tmp_path: Path, events: l
     assert "eurosat__ibdr__seed0.json is corrupted" in message and "delete it" in message
 
 
-def test_test_split_is_read_only_after_training(data_dir: Path, tmp_path: Path,
-                                                events: list[tuple[str, str]]) -> None:
+def test_test_images_are_decoded_only_after_training(data_dir: Path, tmp_path: Path,
+                                                      events: list[tuple[str, str]]) -> None:
+    """Every file list is read and checked before training; the test images are decoded only after it."""
     assert _invoke(data_dir, tmp_path / "out").exit_code == 0
     first_fit = events.index(("fit returned", "map"))
-    assert ("read", "test.txt") in events and events.index(("read", "test.txt")) > first_fit
-    assert events[:first_fit] == [("read", "train800val200.txt")]
+    assert events[:first_fit] == [("read", "train800val200.txt"), ("read", "test.txt"), ("decode", "train"),
+                                  ("decode", "val")]
+    assert events[first_fit + 1] == ("decode", "test")
 
 
 def test_select_evaluates_on_val200_and_never_reads_test(data_dir: Path, tmp_path: Path,
                                                          events: list[tuple[str, str]]) -> None:
     output = tmp_path / "out"
     assert _invoke(data_dir, output, "map,ibdr", "--select").exit_code == 0
-    reads = [name for kind, name in events if kind == "read"]
-    assert "test.txt" not in reads and reads[0] == "train800.txt"
-    assert events.index(("read", "val200.txt")) > events.index(("fit returned", "map"))
+    assert [name for kind, name in events if kind == "read"] == ["train800.txt", "val200.txt"]
+    assert ("decode", "test") not in events
+    assert events.index(("decode", "val")) > events.index(("fit returned", "map"))
     saved = json.loads((output / "results.json").read_text())
     assert (saved["config"]["train_split"], saved["config"]["eval_split"]) == ("train800", "val200")
     assert all(r["settings"]["eval_split"] == "val200" for r in saved["runs"])
@@ -159,9 +174,10 @@ def test_bad_methods_and_tasks_are_refused(data_dir: Path, tmp_path: Path, monke
     monkeypatch.setattr(vtab, "ensure_cifar10_vtab", no_download)
     message = error_message(_invoke(data_dir, tmp_path / "out", "map,mystery"))
     assert "unknown methods ['mystery']" in message and "ibdr" in message and "--methods" in message
-    result = CliRunner().invoke(vtab.main, ["--data-dir", str(data_dir), "--task", "imagenet"])
+    result = CliRunner().invoke(vtab.main, ["--data-dir", str(data_dir), "--task", "imagenet", "--random-init"])
     message = error_message(result)
     assert "'imagenet'" in message and "known tasks" in message and "eurosat" in message and "dtd" in message
+    assert "own task needs a folder" in message
     message = error_message(CliRunner().invoke(vtab.main, ["--task", "eurosat"]))
     assert "--task" in message and "only the offline 'cifar10' task" in message
     assert not (tmp_path / "out").exists()
@@ -174,9 +190,55 @@ def test_missing_folders_and_file_lists_are_named(data_dir: Path, tmp_path: Path
     message = error_message(_invoke(data_dir, tmp_path / "out", "map"))
     assert "file list not found" in message and "test.txt" in message
     assert not list((tmp_path / "out").glob("runs/*.json"))  # an unevaluated run leaves no record
-    (data_dir / "eurosat" / "train800val200.txt").unlink()
+    (data_dir / "eurosat" / "train800val200.txt").unlink()  # still read as train800 + val200 ...
+    (data_dir / "eurosat" / "train800.txt").unlink()  # ... until one of them is missing too
     message = error_message(_invoke(data_dir, tmp_path / "out", "map"))
-    assert "file list not found" in message and "train800val200.txt" in message
+    assert "train800val200.txt: file list not found (nor train800.txt and val200.txt)" in message
+
+
+def test_random_weights_only_when_asked_for(data_dir: Path, tmp_path: Path, events: list[tuple[str, str]]) -> None:
+    args = ["--data-dir", str(data_dir), "--output", str(tmp_path / "out"), "--task", "eurosat"]
+    message = error_message(CliRunner().invoke(vtab.main, args))
+    for part in ("random initialisation", "--checkpoint FILE", "--pretrained", "--random-init"):
+        assert part in message
+    message = error_message(CliRunner().invoke(vtab.main, [*args, "--random-init", "--pretrained"]))
+    assert "--random-init contradicts --checkpoint/--pretrained" in message
+    assert events == [] and not (tmp_path / "out").exists()
+
+
+def test_an_empty_split_is_refused_before_training(data_dir: Path, tmp_path: Path,
+                                                   events: list[tuple[str, str]]) -> None:
+    (data_dir / "eurosat" / "test.txt").write_text("\n")
+    message = error_message(_invoke(data_dir, tmp_path / "out", "map"))
+    assert "eurosat" in message and "test.txt" in message and "empty" in message
+    assert not [e for e in events if e[0] != "read"]  # no image decoded, nothing trained
+
+
+def test_own_tasks_vtab_lists_and_class_folders(data_dir: Path, tmp_path: Path) -> None:
+    """A VTAB-layout folder under a new name (3 classes read from the labels) and a class-per-folder directory."""
+    (data_dir / "eurosat").rename(data_dir / "colours")
+    (data_dir / "colours" / "train800val200.txt").unlink()  # read as train800 + val200
+    photos = data_dir / "photos"
+    for split, n in (("train", 6), ("test", 2)):
+        for name, colour in zip(("blue", "green", "red"), COLOURS[::-1], strict=True):
+            (photos / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (12, 8), colour).save(photos / split / name / f"{i}.jpg")
+    output = tmp_path / "out"
+    result = _invoke(data_dir, output, "map", "--task", "colours,photos", "--preprocess", "vtab")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((output / "results.json").read_text())
+    data = saved["config"]["data"]
+    assert (data["colours"]["layout"], data["colours"]["num_classes"]) == ("vtab_lists", 3)
+    assert data["colours"]["split_sizes"] == {"train800val200": 42, "test": 18}
+    assert data["photos"]["layout"] == "class_folders_split"
+    assert data["photos"]["class_names"] == ["blue", "green", "red"]
+    assert data["photos"]["split_sizes"] == {"train800val200": 18, "test": 6}
+    assert saved["config"]["preprocess"]["timm_data_config"]["crop_mode"] == "squash"
+    assert [(r["task"], r["method"]) for r in saved["runs"]] == [("colours", "map"), ("photos", "map")]
+    assert all(0 <= r["metrics"]["accuracy"] <= 1 for r in saved["runs"])
+    message = error_message(_invoke(data_dir, tmp_path / "o2", "map", "--task", "photos", "--num-classes", "2"))
+    assert "num_classes=2 but" in message and "3 class folders" in message
 
 
 def test_official_preset_comes_from_the_library(data_dir: Path, tmp_path: Path) -> None:
@@ -199,7 +261,8 @@ def test_official_preset_comes_from_the_library(data_dir: Path, tmp_path: Path) 
 @pytest.mark.filterwarnings("ignore:K = 4 particles exceed C − 1:UserWarning")  # the test-set DPP volume metric
 def test_a_binary_task_with_more_particles_than_wrong_classes_runs(data_dir: Path, tmp_path: Path) -> None:
     args = ["--data-dir", str(data_dir), "--output", str(tmp_path / "out"), "--methods", "ibdr", "--task",
-            "patch_camelyon", "--model", "test_vit", "--img-size", "32", "--particles", "4", "--epochs", "1",
+            "patch_camelyon", "--model", "test_vit", "--random-init", "--img-size", "32",
+            "--particles", "4", "--epochs", "1",
             "--batch-size", "16", "--threads", "1", "--alpha", "0.5"]
     with pytest.warns(UserWarning, match="K = 4 particles exceed C − 1 = 1 .* set to 0"):
         result = CliRunner().invoke(vtab.main, args)

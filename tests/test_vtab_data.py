@@ -15,7 +15,10 @@ from PIL import Image
 
 from pyro_ibdr.experiments.assets import cifar10, fetch
 from pyro_ibdr.experiments.data import TASKS, PreloadedDataset, VTABDataset, get_task, read_file_list, resolve_task_dir
+from pyro_ibdr.experiments.data.preprocess import ImagePreprocess
 from pyro_ibdr.experiments.data.vtab import randaugment_flip
+
+SIDE16 = ImagePreprocess(input_size=(3, 16, 16))  # the VTAB protocol: squash, mean = std = 0.5
 
 PER_CLASS = 6
 COLOURS = [(25 * c, 255 - 25 * c, (70 * c) % 256) for c in range(10)]  # one flat colour per class
@@ -167,14 +170,16 @@ def _task_folder(root: Path, labels: list[int], task: str = "eurosat") -> Path:
 
 def test_dataset_items_normalisation_and_preloading(tmp_path: Path) -> None:
     _task_folder(tmp_path, [0, 3, 9, 3])
-    data = VTABDataset(tmp_path, "eurosat", "test", img_size=16)
+    data = VTABDataset(tmp_path, "eurosat", "test", preprocess=SIDE16)
     assert len(data) == 4 and data.num_classes == 10 and data.targets.tolist() == [0, 3, 9, 3]
     image, label = data[1]
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label == 3
     expected = torch.tensor(COLOURS[3], dtype=torch.float32) / 255 * 2 - 1  # (x - 0.5) / 0.5
     torch.testing.assert_close(image.mean((1, 2)), expected, atol=0.03, rtol=0)
-    imagenet = VTABDataset(tmp_path, "eurosat", "test", img_size=16, normalization="imagenet")[1][0]
-    assert not torch.allclose(imagenet, image)
+    imagenet = ImagePreprocess(input_size=(3, 16, 16), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    imagenet_image = VTABDataset(tmp_path, "eurosat", "test", preprocess=imagenet)[1][0]
+    expected = (torch.tensor(COLOURS[3]) / 255 - torch.tensor(imagenet.mean)) / torch.tensor(imagenet.std)
+    torch.testing.assert_close(imagenet_image.mean((1, 2)), expected, atol=0.06, rtol=0)
     cached = PreloadedDataset(data)
     assert cached.images.dtype == torch.uint8 and cached.images.shape == (4, 3, 16, 16)
     for i in range(4):
@@ -186,8 +191,8 @@ def test_dataset_items_normalisation_and_preloading(tmp_path: Path) -> None:
         PreloadedDataset(custom)
     with pytest.raises(ValueError, match="split"):
         VTABDataset(tmp_path, "eurosat", "train")
-    with pytest.raises(ValueError, match="normalization"):
-        VTABDataset(tmp_path, "eurosat", normalization="zscore")
+    with pytest.raises(ValueError, match="mean and std need 3 values"):
+        ImagePreprocess(mean=(0.5,))
 
 
 def test_dataset_checks_labels_and_missing_images(tmp_path: Path) -> None:
@@ -197,7 +202,7 @@ def test_dataset_checks_labels_and_missing_images(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="labels must be < 4"):
         VTABDataset(tmp_path, "kitti", "test")
     (tmp_path / "kitti" / "test.txt").write_text("img/0.jpg 0\nimg/gone.jpg 1\n")
-    data = VTABDataset(tmp_path, "kitti", "test", img_size=8)
+    data = VTABDataset(tmp_path, "kitti", "test", preprocess=ImagePreprocess(input_size=(3, 8, 8)))
     assert data[0][0].shape == (3, 8, 8)
     with pytest.raises(FileNotFoundError, match=r"gone\.jpg"):
         data[1]
@@ -205,8 +210,9 @@ def test_dataset_checks_labels_and_missing_images(tmp_path: Path) -> None:
 
 def test_preloaded_dataset_applies_the_augmentation_per_access(tmp_path):
     data_dir = _tiny_task_for_augmentation(tmp_path)
-    plain = PreloadedDataset(VTABDataset(data_dir, "eurosat", "train800val200", img_size=16))
-    augmented = PreloadedDataset(VTABDataset(data_dir, "eurosat", "train800val200", img_size=16), randaugment_flip())
+    plain = PreloadedDataset(VTABDataset(data_dir, "eurosat", "train800val200", preprocess=SIDE16))
+    augmented = PreloadedDataset(VTABDataset(data_dir, "eurosat", "train800val200", preprocess=SIDE16),
+                                 randaugment_flip())
     torch.manual_seed(0)
     views = torch.stack([augmented[0][0] for _ in range(8)])
     assert views.shape == (8, 3, 16, 16) and views.dtype == torch.float32

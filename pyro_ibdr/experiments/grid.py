@@ -23,10 +23,10 @@ from ..io import write_csv, write_json
 from ..methods import METHODS
 from ..metrics import EnsembleMode, calibration_bins, ensemble_probs, evaluate_predictions
 from ..model import BayesianLoRA
-from ..posterior import Posterior
+from ..posterior import ParticlePosterior, Posterior
 from ..precision import AUTOCAST_DTYPES, Precision
 from ..predictive import predict_loader
-from ..train import fit
+from ..train import fit, peak_memory_mb
 from .plots import reliability_diagram
 from .store import ResultStore, Unit, canonical_config, config_differences, config_hash
 
@@ -470,6 +470,32 @@ def with_post_hoc(records: Sequence[dict[str, Any]], names: Sequence[str]) -> li
             rows.append({"task": record["task"], "method": f"{record['method']}+{name}", "seed": record["seed"],
                          "metrics": derived["metrics"], "cost": cost, "state": derived["state"]})
     return rows
+
+
+def evaluate_untrained(
+    unit: Unit,
+    *,
+    build_net: Callable[[], torch.nn.Module],
+    test_loader: Callable[[], Iterable],
+    num_data: int,
+    output: Path | None = None,
+    device: str | torch.device = "cpu",
+    precision: Precision = "fp32",
+) -> dict[str, Any]:
+    """The zero-shot baseline: the network at its LoRA initialisation θ₀ (B = 0, so the pretrained network
+    itself), scored through the same classifier, predictive and metrics as the trained methods.
+
+    Returns a record shaped as :func:`train_and_evaluate`'s, with zero training cost.
+    """
+    pyro.set_rng_seed(unit.seed)
+    model = BayesianLoRA(build_net().to(device), num_data=num_data)
+    posterior = ParticlePosterior(model.theta0[None])
+    evaluated = _evaluate(model, posterior, unit, test_loader=test_loader, num_samples=1, output=output,
+                          device=device, precision=precision)
+    cost = {"steps": 0, "wall_time_s": 0.0, "time_per_step_s": 0.0, "passes_per_step": 0,
+            "num_particles_or_samples": 1, "test_samples": 1, "peak_memory_mb": peak_memory_mb(torch.device(device)),
+            "eval_time_s": evaluated["eval_time_s"], "trainable_parameters": model.dim}
+    return {"metrics": evaluated["metrics"], "cost": cost, "history": [], "state": {}}
 
 
 def _json_ready(value: Any) -> Any:

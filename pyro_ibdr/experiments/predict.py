@@ -88,12 +88,13 @@ def load_unit(path: Path, device: str) -> Rebuilt:
 
 def _vtab_data(rebuild: dict[str, Any], data_dir: Path | None, task: str | None, split: str | None,
                batch_size: int) -> tuple[Iterable, dict[str, Any]]:
+    from .data.preprocess import ImagePreprocess
     from .data.vtab import PreloadedDataset, VTABDataset, get_task
 
     recorded = rebuild["data"]
     task = task or recorded["task"]
     try:
-        classes, trained = get_task(task).num_classes, get_task(recorded["task"]).num_classes
+        classes, trained = get_task(task).num_classes, rebuild["net"]["num_classes"]
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--task") from error
     if classes != trained:
@@ -101,8 +102,9 @@ def _vtab_data(rebuild: dict[str, Any], data_dir: Path | None, task: str | None,
                                  f"{recorded['task']!r} with {trained}", param_hint="--task")
     own = data_dir is None and task == recorded["task"] and split in (None, recorded["split"])
     root = data_dir or Path(recorded["data_dir"])
-    dataset = PreloadedDataset(VTABDataset(root, task, split or recorded["split"], img_size=recorded["img_size"],
-                                           normalization=recorded["normalization"]))
+    preprocess = ImagePreprocess(**{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in recorded["preprocess"].items()})
+    dataset = PreloadedDataset(VTABDataset(root, task, split or recorded["split"], preprocess=preprocess))
     if own and recorded.get("max_test"):  # the run's own test protocol: its first max_test images
         dataset = Subset(dataset, range(min(recorded["max_test"], len(dataset))))
     described = {"data_dir": str(root), "task": task, "split": split or recorded["split"], "examples": len(dataset)}
@@ -111,13 +113,8 @@ def _vtab_data(rebuild: dict[str, Any], data_dir: Path | None, task: str | None,
 
 def _commonsense_data(rebuild: dict[str, Any], tokenizer: Any, test_file: Path | None, source: str | None,
                       batch_size: int) -> tuple[Iterable, dict[str, Any]]:
-    from .data.commonsense import (
-        EncoderChoiceCollator,
-        MultipleChoiceCollator,
-        format_rows,
-        load_commonsense,
-        read_rows,
-    )
+    from .commonsense import collator
+    from .data.commonsense import format_rows, load_commonsense, read_rows
 
     recorded = rebuild["data"]
     task, source = recorded["task"], source or recorded["source"]
@@ -136,8 +133,8 @@ def _commonsense_data(rebuild: dict[str, Any], tokenizer: Any, test_file: Path |
     if not records:
         raise click.UsageError(f"no {task} questions to score (every row was dropped or the file is empty)")
     max_length = recorded["max_length"]
-    collate = (EncoderChoiceCollator(tokenizer, max_length) if rebuild["net"]["is_encoder"]
-               else MultipleChoiceCollator(tokenizer, max_length))
+    collate = collator(tokenizer, is_encoder=rebuild["net"]["is_encoder"], formulation=rebuild["net"]["formulation"],
+                       max_length=max_length, length_normalization=recorded["length_normalization"])
     described["examples"] = len(records)
     return DataLoader(records, batch_size=batch_size, collate_fn=collate), described
 

