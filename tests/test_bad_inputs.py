@@ -40,6 +40,7 @@ from pyro_ibdr.experiments import commonsense as commonsense_cli
 from pyro_ibdr.experiments import vtab as vtab_cli
 from pyro_ibdr.experiments.data import VTABDataset, read_file_list
 from pyro_ibdr.experiments.data.commonsense import format_rows, get_task, load_commonsense, read_rows
+from pyro_ibdr.experiments.data.preprocess import ImagePreprocess
 from pyro_ibdr.experiments.grid import ResultStore, Unit
 from pyro_ibdr.io import atomic_folder, atomic_write, write_csv, write_json
 from pyro_ibdr.metrics import classification_metrics, diversity_metrics, ensemble_probs, ood_metrics
@@ -212,7 +213,7 @@ API: list[tuple[str, Call, type[Exception], str]] = [
     ("fit-unknown-option", lambda w: fit("map", w.model, [(X, Y)], steps=1, num_particles=2), TypeError,
      "MAPConfig has no option(s) ['num_particles']"),
     ("fit-option-type", lambda w: fit("ibdr", w.model, [(X, Y)], steps=1, num_particles="4"), TypeError,
-     "num_particles must be a positive integer, got '4'"),
+     "IBDRConfig.num_particles must be int, got '4'"),
     ("fit-option-choice", lambda w: fit("svgd", w.model, [(X, Y)], steps=1, kernel="gauss"), ValueError,
      "kernel must be one of"),
     ("fit-svgd-one-particle", lambda w: fit("svgd", w.model, [(X, Y)], steps=1, num_particles=1), ValueError,
@@ -296,8 +297,8 @@ DATA: list[tuple[str, Call, type[Exception], str]] = [
      "gone.png"),
     ("vtab-image-float-mode", lambda w: VTABDataset(w.root / "vtab", "eurosat", "test")[3], ValueError,
      "image mode 'F'"),
-    ("vtab-img-size", lambda w: VTABDataset(w.root / "vtab", "eurosat", "test", img_size=0), ValueError,
-     "img_size must be >= 1"),
+    ("vtab-img-size", lambda w: ImagePreprocess(input_size=(3, 0, 0)), ValueError,
+     "input_size must be (3, H, W) with H, W >= 1"),
     ("vtab-list-missing-file", lambda w: read_file_list(w.root / "none.txt"), FileNotFoundError, "none.txt"),
     ("commonsense-unknown-task", lambda w: get_task("hellaswag"), ValueError, "unknown commonsense dataset"),
     ("commonsense-unknown-source", lambda w: load_commonsense("arc_easy", source="web"), ValueError,
@@ -335,8 +336,8 @@ COMMONSENSE_FILES = ["--source", "files", "--tasks", "arc_easy"]
 CLI: list[tuple[str, Any, list[str], str]] = [
     ("vtab-unknown-method", vtab_cli.main, ["--methods", "map,foo"], "unknown methods ['foo']"),
     ("vtab-no-method", vtab_cli.main, ["--methods", " , "], "needs at least one comma-separated name"),
-    ("vtab-unknown-task", vtab_cli.main, ["--task", "imagenet"], "unknown VTAB task 'imagenet'"),
-    ("vtab-task-folder-missing", vtab_cli.main, ["--task", "dtd"], "no folder for task 'dtd'"),
+    ("vtab-unknown-task", vtab_cli.main, ["--task", "imagenet", "--random-init"], "unknown VTAB task 'imagenet'"),
+    ("vtab-task-folder-missing", vtab_cli.main, ["--task", "dtd", "--random-init"], "no folder for task 'dtd'"),
     ("vtab-particles-zero", vtab_cli.main, ["--particles", "0"], "--particles"),
     ("vtab-epochs-word", vtab_cli.main, ["--epochs", "ten"], "'ten' is not a valid integer"),
     ("vtab-lr-negative", vtab_cli.main, ["--lr", "-1"], "--lr"),
@@ -352,7 +353,7 @@ CLI: list[tuple[str, Any, list[str], str]] = [
     ("vtab-seed-negative", vtab_cli.main, ["--seed", "-1"], "--seed"),
     ("vtab-lora-dropout-one", vtab_cli.main, ["--lora-dropout", "1"], "--lora-dropout"),
     ("vtab-lora-targets", vtab_cli.main, ["--lora-targets", "qk"], "'qk' is not one of 'qv', 'qkv'"),
-    ("vtab-device", vtab_cli.main, ["--device", "gpu"], "'gpu' is not one of 'cpu', 'cuda'"),
+    ("vtab-device", vtab_cli.main, ["--device", "gpu"], "unknown device 'gpu'"),
     ("vtab-preset", vtab_cli.main, ["--preset", "authors"], "'authors' is not one of 'official', 'paper'"),
     ("vtab-checkpoint-missing", vtab_cli.main, ["--checkpoint", "missing.npz"], "'missing.npz' does not exist"),
     ("vtab-max-test-zero", vtab_cli.main, ["--max-test", "0"], "--max-test"),
@@ -433,7 +434,7 @@ WRITES: list[tuple[str, str, Callable[[World, Path], Any], type[BaseException]]]
     ("write-json-object", "file", lambda w, p: write_json(p, {"run": object()}), TypeError),
     ("write-csv-row", "file", lambda w, p: write_csv(p, _csv_row_that_fails()), Interrupt),
     ("result-store-nan", "file",
-     lambda w, p: ResultStore(p.parent.parent).save(Unit("t", "map", 0), {"ece": NAN}), ValueError),
+     lambda w, p: ResultStore(p.parent.parent).save(Unit("t", "map", 0), {"ece": NAN}, {}), ValueError),
     ("checkpoint-torch-save", "file", lambda w, p: w.save(p.name), Interrupt),
     ("checkpoint-bad-state", "file", lambda w, p: w.save(p.name, state={"fn": print}), ValueError),
     ("export-adapter", "folder", lambda w, p: export_peft_adapter(w.model, w.posterior.particles[0], p), Interrupt),

@@ -45,7 +45,7 @@ def test_commonsense_command_runs_each_new_method(method: str, model_dir: Path, 
     output = tmp_path / "out"
     result = CliRunner().invoke(commonsense.main, ["--model", str(model_dir), "--train-file", str(train),
                                                    "--test-file", str(test), "--output", str(output),
-                                                   "--methods", method, *SMALL])
+                                                   "--tasks", "arc_easy", "--methods", method, *SMALL])
     assert result.exit_code == 0, result.output
     assert _table_header(result.stdout, "ece") == ["ece", method]
     record = json.loads((output / "runs" / f"arc_easy__{method}__seed0.json").read_text())
@@ -88,7 +88,8 @@ def test_commonsense_post_hoc_tfb(model_dir: Path, tmp_path: Path) -> None:  # n
     output = tmp_path / "out"
     result = CliRunner().invoke(commonsense.main, ["--model", str(model_dir), "--train-file", str(train),
                                                    "--test-file", str(test), "--output", str(output),
-                                                   "--methods", "map", "--post-hoc", "tfb", "--tfb-anchor-size", "8",
+                                                   "--tasks", "arc_easy", "--methods", "map", "--post-hoc", "tfb",
+                                                   "--tfb-anchor-size", "8",
                                                    "--tfb-metric", "nll", *SMALL])
     assert result.exit_code == 0, result.output
     assert _table_header(result.stdout, "accuracy") == ["accuracy", "map", "map+tfb"]

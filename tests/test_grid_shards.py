@@ -20,6 +20,11 @@ from tests._dummies.nets import lora_mlp
 UNITS = [Unit(task, method, seed) for task in ("a", "b") for seed in (0, 1) for method in ("map", "ensemble")]
 
 
+def _config(unit: Unit) -> dict:
+    """Every unit's configuration: the same settings, so stored records are reused."""
+    return {"settings": "fixed"}
+
+
 def _train(unit: Unit) -> dict:
     """A real (tiny) training run whose record depends on the unit: two steps on digits."""
     x, y, _, _ = digits(n_train=64, seed=unit.seed)
@@ -38,15 +43,16 @@ def test_sharded_grid_produces_the_unsharded_results(tmp_path: Path) -> None:
         calls.append(unit)
         return _train(unit)
 
-    whole = run_grid(UNITS, counted, ResultStore(tmp_path / "whole"), echo=lambda _: None)
+    whole = run_grid(UNITS, counted, ResultStore(tmp_path / "whole"), unit_config=_config, echo=lambda _: None)
     calls.clear()
     messages: list[str] = []
     shared = ResultStore(tmp_path / "shared")
-    first = run_grid(UNITS, counted, shared, shard=Shard(0, 3), echo=messages.append)
+    first = run_grid(UNITS, counted, shared, shard=Shard(0, 3), unit_config=_config, echo=messages.append)
     assert calls == UNITS[0::3] and len(first) == 3
     assert messages[-1].startswith("5 of 8 units are not finished")
     for index in (1, 2, 0):  # the last shards finish the grid; rerunning shard 0 reuses its units
-        records = run_grid(UNITS, counted, shared, shard=Shard(index, 3), echo=messages.append)
+        records = run_grid(UNITS, counted, shared, shard=Shard(index, 3), unit_config=_config,
+                           echo=messages.append)
     assert sorted(calls, key=UNITS.index) == UNITS  # every unit ran exactly once over the shards
     assert records == whole
     assert not list(shared.runs.glob("*.claim"))  # claims are removed once the records are saved
@@ -58,16 +64,17 @@ def test_claims_are_exclusive_released_on_failure_and_recoverable(tmp_path: Path
     assert json.loads(store.claim_path(unit).read_text()).keys() == {"host", "pid", "time"}
     messages: list[str] = []
     ran: list[Unit] = []
-    records = run_grid([unit], lambda u: ran.append(u) or {"x": 1}, store, echo=messages.append)
+    records = run_grid([unit], lambda u: ran.append(u) or {"x": 1}, store, unit_config=_config, echo=messages.append)
     assert records == [] and ran == [] and "claimed by another process" in messages[0]  # a crashed claimant
-    records = run_grid([unit], lambda u: ran.append(u) or {"x": 1}, store, echo=messages.append, reclaim=True)
+    records = run_grid([unit], lambda u: ran.append(u) or {"x": 1}, store, unit_config=_config,
+                       echo=messages.append, reclaim=True)
     assert ran == [unit] and records[0]["x"] == 1 and not store.claim_path(unit).exists()
 
     def failing(_: Unit) -> dict:
         raise RuntimeError("out of memory")
 
     with pytest.raises(RuntimeError, match="out of memory"):
-        run_grid([UNITS[1]], failing, store, echo=messages.append)
+        run_grid([UNITS[1]], failing, store, unit_config=_config, echo=messages.append)
     assert not store.claim_path(UNITS[1]).exists() and not store.done(UNITS[1])
 
 

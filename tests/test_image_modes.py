@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pyro_ibdr.experiments.data.preprocess import ImagePreprocess
 from pyro_ibdr.experiments.data.vtab import SIXTEEN_BIT_MODES, VTABDataset, load_image, to_rgb8
 
 # Pillow warns when a conversion loses information (a palette transparency table read as RGB): an error here.
@@ -158,6 +159,6 @@ def test_dataset_reads_sixteen_bit_images(tmp_path):
     folder.mkdir()
     Image.new("I;16", (4, 4), 128 * 257).save(folder / "a.png")
     (folder / "test.txt").write_text("a.png 1\n")
-    image, label = VTABDataset(tmp_path, "eurosat", "test", img_size=4)[0]
+    image, label = VTABDataset(tmp_path, "eurosat", "test", preprocess=ImagePreprocess(input_size=(3, 4, 4)))[0]
     assert label == 1
     assert float(image.abs().max()) < 0.01  # level 128 of 255 normalised by mean = std = 0.5

@@ -30,7 +30,7 @@ x_train, y_train, _, _ = digits(n_train=64)
 BATCHES = [(x_train[i : i + 16], y_train[i : i + 16]) for i in range(0, 64, 16)]
 OPTIONS = {"ibdr": {"num_particles": 2}, "ensemble": {"num_particles": 2}, "svgd": {"num_particles": 2},
            "bbb": {"num_samples": 2, "kl_anneal_steps": 5}, "sa_bnn": {"num_samples": 2},
-           "sgld": {"burn_in": 1, "thin": 1, "num_samples": 3}}
+           "sgld": {"burn_in": 1, "thin": 1, "num_samples": 3}, "bayestune": {"selection_steps": 2}}
 
 
 @pytest.fixture

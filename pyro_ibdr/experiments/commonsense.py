@@ -42,20 +42,16 @@ from pyro_ibdr.experiments.grid import (
     ResultStore,
     Unit,
     check_methods,
-    check_post_hoc,
     cli_options,
     comma_separated,
     evaluate_untrained,
-    grid_processes,
     parallel_options,
     precision_option,
     report,
-    run_grid,
+    run_command_grid,
     snapshots,
-    summary_writer,
     train_and_evaluate,
     unit_options,
-    with_post_hoc,
     write_summary,
 )
 from pyro_ibdr.experiments.options import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED
@@ -269,11 +265,9 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, formula
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
     if zero_shot:  # deterministic: once per task, first in its table
         units = [u for task in tasks for u in (Unit(task, ZERO_SHOT, seeds[0]), *(v for v in units if v.task == task))]
-    check_post_hoc(store, units, post_hoc)
-    with grid_processes(distributed_mode, shard, device) as shard:
-        records = with_post_hoc(run_grid(units, run_unit, store, unit_config=unit_config, shard=shard,
-                                         reclaim=reclaim, echo=lambda m: click.echo(m, err=True)), post_hoc)
-    if not summary_writer(distributed_mode):
+    records = run_command_grid(units, run_unit, store, unit_config=unit_config, post_hoc=post_hoc,
+                               distributed_mode=distributed_mode, shard=shard, reclaim=reclaim, device=device)
+    if records is None:  # not the process that writes the summary
         return
     config = {
         "options": cli_options(), "tasks": tasks, "source": source, "model": model_name, "methods": methods,

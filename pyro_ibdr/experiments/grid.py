@@ -444,6 +444,23 @@ def train_and_evaluate(
     return record
 
 
+def run_command_grid(units: Sequence[Unit], run_unit: Callable[[Unit], dict[str, Any]], store: ResultStore, *,
+                     unit_config: Callable[[Unit], dict[str, Any]], post_hoc: Sequence[str],
+                     distributed_mode: distributed.Mode | None, shard: Shard | None, reclaim: bool,
+                     device: str) -> list[dict[str, Any]] | None:
+    """An experiment command's grid: the post-hoc steps checked against stored records, then :func:`run_grid`
+    on this process's shard inside the process group of ``distributed_mode`` (:func:`grid_processes`).
+
+    Returns the records with one row per post-hoc step (:func:`with_post_hoc`), or None on a process that does
+    not write the summary (:func:`summary_writer`).
+    """
+    check_post_hoc(store, units, post_hoc)
+    with grid_processes(distributed_mode, shard, device) as shard:
+        records = run_grid(units, run_unit, store, unit_config=unit_config, shard=shard, reclaim=reclaim,
+                           echo=lambda m: click.echo(m, err=True))
+    return with_post_hoc(records, post_hoc) if summary_writer(distributed_mode) else None
+
+
 def check_post_hoc(store: ResultStore, units: Iterable[Unit], names: Sequence[str]) -> None:
     """A usage error, before any training, when a finished unit's record lacks a requested post-hoc step (it
     was written by a run without it); reusing it would silently drop that step's rows."""

@@ -37,19 +37,15 @@ from pyro_ibdr.experiments.grid import (
     ResultStore,
     Unit,
     check_methods,
-    check_post_hoc,
     cli_options,
     comma_separated,
-    grid_processes,
     parallel_options,
     precision_option,
     report,
-    run_grid,
+    run_command_grid,
     snapshots,
-    summary_writer,
     train_and_evaluate,
     unit_options,
-    with_post_hoc,
     write_summary,
 )
 from pyro_ibdr.experiments.options import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED
@@ -326,11 +322,9 @@ def main(data_dir, tasks, num_classes, methods, particles, epochs, warmup_steps,
         return {**record, "settings": {**task_settings(unit.task), "eval_split": eval_split}}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
-    check_post_hoc(store, units, post_hoc)
-    with grid_processes(distributed_mode, shard, device) as shard:
-        records = with_post_hoc(run_grid(units, run_unit, store, unit_config=unit_config, shard=shard,
-                                         reclaim=reclaim, echo=lambda m: click.echo(m, err=True)), post_hoc)
-    if not summary_writer(distributed_mode):
+    records = run_command_grid(units, run_unit, store, unit_config=unit_config, post_hoc=post_hoc,
+                               distributed_mode=distributed_mode, shard=shard, reclaim=reclaim, device=device)
+    if records is None:  # not the process that writes the summary
         return
     config = {
         "options": cli_options(), "offline": offline, "tasks": tasks, "methods": methods, "seeds": list(seeds),

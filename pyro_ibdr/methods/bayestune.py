@@ -199,6 +199,20 @@ class BayesTune(Method):
     def posterior(self) -> Posterior:
         return ParticlePosterior(self.theta().unsqueeze(0))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The default (param store, θ's optimiser, rate) and BayesTune's own state: the λ optimiser, the
+        Langevin noise generator, the step counters, the running mean λ̂ and the selected entries."""
+        return {**super().state_dict(), "scale_optim": self.scale_optim.get_state(),
+                "generator": self.generator.get_state(), "num_steps": self.num_steps,
+                "num_accumulated": self.num_accumulated, "scale_mean": self.scale_mean, "selected": self.selected}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.scale_optim.set_state(state["scale_optim"])
+        self.generator.set_state(state["generator"])
+        self.num_steps, self.num_accumulated = int(state["num_steps"]), int(state["num_accumulated"])
+        self.scale_mean, self.selected = state["scale_mean"], state["selected"]
+
     def state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"num_steps": self.num_steps, "stage": self.stage, "num_selected": self.num_selected}
         if self.config.selection_steps is not None or self.planned_steps is not None:

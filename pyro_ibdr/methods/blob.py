@@ -175,3 +175,11 @@ class BLoB(Method):
 
     def state(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps, "batches_per_epoch": self.batches_per_epoch}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The default (param store, optimiser, rate) and the step count and epoch length that set the KL weight."""
+        return {**super().state_dict(), **self.state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.num_steps, self.batches_per_epoch = int(state["num_steps"]), state["batches_per_epoch"]
