@@ -336,7 +336,7 @@ COMMONSENSE_FILES = ["--source", "files", "--tasks", "arc_easy"]
 CLI: list[tuple[str, Any, list[str], str]] = [
     ("vtab-unknown-method", vtab_cli.main, ["--methods", "map,foo"], "unknown methods ['foo']"),
     ("vtab-no-method", vtab_cli.main, ["--methods", " , "], "needs at least one comma-separated name"),
-    ("vtab-unknown-task", vtab_cli.main, ["--task", "imagenet", "--random-init"], "unknown VTAB task 'imagenet'"),
+    ("vtab-unknown-task", vtab_cli.main, ["--task", "imagenet", "--random-init"], "no task folder 'imagenet'"),
     ("vtab-task-folder-missing", vtab_cli.main, ["--task", "dtd", "--random-init"], "no folder for task 'dtd'"),
     ("vtab-particles-zero", vtab_cli.main, ["--particles", "0"], "--particles"),
     ("vtab-epochs-word", vtab_cli.main, ["--epochs", "ten"], "'ten' is not a valid integer"),

@@ -45,7 +45,8 @@ def test_commonsense_command_runs_each_new_method(method: str, model_dir: Path, 
     output = tmp_path / "out"
     result = CliRunner().invoke(commonsense.main, ["--model", str(model_dir), "--train-file", str(train),
                                                    "--test-file", str(test), "--output", str(output),
-                                                   "--tasks", "arc_easy", "--methods", method, *SMALL])
+                                                   "--tasks", "arc_easy", "--no-zero-shot", "--methods", method,
+                                                   *SMALL])
     assert result.exit_code == 0, result.output
     assert _table_header(result.stdout, "ece") == ["ece", method]
     record = json.loads((output / "runs" / f"arc_easy__{method}__seed0.json").read_text())
@@ -56,7 +57,8 @@ def test_commonsense_command_runs_each_new_method(method: str, model_dir: Path, 
 @pytest.mark.filterwarnings("ignore:K = 10 particles exceed C − 1")
 def test_vtab_post_hoc_tfb_adds_rows_for_point_estimates(data_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     output = tmp_path / "out"
-    args = ["--data-dir", str(data_dir), "--output", str(output), *TINY, "--post-hoc", "tfb", "--tfb-samples", "2",
+    args = ["--data-dir", str(data_dir), "--output", str(output), *TINY, "--sigma", "0", "--post-hoc", "tfb",
+            "--tfb-samples", "2",
             "--tfb-anchor-size", "8"]
     result = CliRunner().invoke(vtab.main, [*args, "--methods", "map,ibdr,blob"])
     assert result.exit_code == 0, result.output
@@ -88,7 +90,8 @@ def test_commonsense_post_hoc_tfb(model_dir: Path, tmp_path: Path) -> None:  # n
     output = tmp_path / "out"
     result = CliRunner().invoke(commonsense.main, ["--model", str(model_dir), "--train-file", str(train),
                                                    "--test-file", str(test), "--output", str(output),
-                                                   "--tasks", "arc_easy", "--methods", "map", "--post-hoc", "tfb",
+                                                   "--tasks", "arc_easy", "--no-zero-shot", "--methods", "map",
+                                                   "--post-hoc", "tfb",
                                                    "--tfb-anchor-size", "8",
                                                    "--tfb-metric", "nll", *SMALL])
     assert result.exit_code == 0, result.output

@@ -62,7 +62,7 @@ def _records(output: Path) -> dict[str, dict]:
 
 
 @pytest.mark.xfail(strict=True, reason="known bug (issue #12, open): since the merge with timm preprocessing and saved "
-                   "posteriors, predict rebuilds a network whose NLL/ECE differ from the run's (accuracy equal)")
+                   "posteriors, predict on a saved map/mle posterior gives other NLL/ECE than the run (accuracy equal)")
 def test_predict_scores_a_saved_posterior_as_the_run_did(finished: tuple[Path, Path], tmp_path: Path) -> None:
     data_dir, output = finished
     for key, record in _records(output).items():
@@ -101,8 +101,6 @@ def test_predict_refuses_what_does_not_fit(finished: tuple[Path, Path], tmp_path
     assert "broken.pt is not a readable checkpoint" in message
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (issue #12, open): the adapter peft loads gives other logits than "
-                   "model.logits(θ) since the fused-pass merge")
 def test_export_writes_adapters_that_peft_loads(finished: tuple[Path, Path]) -> None:
     _, output = finished
     posterior = output / "posteriors" / "eurosat__ibdr__seed1.pt"
