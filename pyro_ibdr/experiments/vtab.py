@@ -191,7 +191,7 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               help="Dropout on the LoRA input (needed by mc_dropout).")
 @click.option("--sigma", type=NON_NEGATIVE_FLOAT, default=None,
-              help="IBDR's shared σ of the particle Gaussians (default: the preset's).")
+              help="IBDR's shared σ of the particle Gaussians (default: the preset's; 0: point masses, σ not learned).")
 @click.option("--alpha", "diversity_weight", type=NON_NEGATIVE_FLOAT, default=None, help="IBDR diversity weight α.")
 @click.option("--rho", type=NON_NEGATIVE_FLOAT, default=None,
               help="IBDR Wasserstein radius ρ (units of the transport cost).")
@@ -246,7 +246,8 @@ def main(data_dir, tasks, num_classes, methods, particles, epochs, warmup_steps,
         base = official_preset(task) if tuned(task) else get_preset(preset)
         changes = {"lr": lr, "num_particles": particles or (2 if offline else None), "batch_size": batch_size,
                    "epochs": epochs or (2 if offline else base.epochs or OFFICIAL.epochs),
-                   "warmup_steps": warmup_steps, "sigma": sigma, "alpha": diversity_weight, "rho": rho}
+                   "warmup_steps": warmup_steps, "sigma": sigma, "alpha": diversity_weight, "rho": rho,
+                   "learn_sigma": False if sigma == 0 else None}  # --sigma 0: point masses, nothing to learn
         chosen = base.replace(**{k: v for k, v in changes.items() if v is not None})
         if num_samples is not None and num_samples % chosen.num_particles:
             raise click.BadParameter(f"must be a multiple of K = {chosen.num_particles} (draws are stratified over "
