@@ -73,7 +73,8 @@ class ParticleGuide:
         if not real_number("sigma", sigma) >= 0:
             raise ValueError(f"sigma must be >= 0, got {sigma}")
         if learn_sigma and sigma == 0:
-            raise ValueError("a learnable sigma needs a positive initial value")
+            raise ValueError("a learnable sigma needs a positive initial value; for point masses pass sigma=0 with "
+                             "learn_sigma=False (the paper preset learns σ: PAPER.replace(sigma=0, learn_sigma=False))")
         self.model = model
         #: K, the components over all processes.
         self.total_particles = int(num_particles)

@@ -330,9 +330,9 @@ def fit(
         process's run, to float rounding. Callbacks run on every process.
     :param precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` to run every step under ``torch.autocast``
         (:mod:`pyro_ibdr.precision`: θ and the optimiser state stay float32, no gradient scaler).
-    :raises FloatingPointError: naming the step at which the loss became NaN or infinite.
     :param checkpoint: the snapshot file to resume from and write to (None: no snapshots; one process only).
     :param checkpoint_every: epochs between snapshots (≥ 1).
+    :raises FloatingPointError: naming the step at which the loss became NaN or infinite.
     :raises ValueError: for a method that does not support the ``distributed`` mode; when the snapshot was
         written by a run with other settings (the message lists them), or is damaged.
     """
