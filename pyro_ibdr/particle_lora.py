@@ -182,14 +182,19 @@ def plan_fused(net: nn.Module, names: tuple[str, ...]) -> FusedPlan:
     return FusedPlan(tuple(loras), tuple(heads), tuple(list(block_list)[first:]), dropouts, None)
 
 
-def _repeat_rows(value: Any, rows: int, k: int, memo: dict[int, torch.Tensor], min_dim: int) -> Any:
-    """Repeat K times (particle-major) every tensor in ``value`` with ``rows`` leading rows and ≥ ``min_dim`` dims."""
+def _repeat_rows(value: Any, rows: int, k: int, memo: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                 min_dim: int) -> Any:
+    """Repeat K times (particle-major) every tensor in ``value`` with ``rows`` leading rows and ≥ ``min_dim`` dims.
+
+    ``memo`` maps ``id(tensor)`` to (tensor, its repetition), so a tensor handed to several blocks (a mask) is
+    repeated once; it holds the tensor itself, so no other tensor can take its ``id`` while the pass runs.
+    With K = 1 the repetition is the tensor itself."""
     if isinstance(value, torch.Tensor):
-        if value.dim() < min_dim or value.shape[0] != rows:
+        if k == 1 or value.dim() < min_dim or value.shape[0] != rows:
             return value
         if id(value) not in memo:
-            memo[id(value)] = value.repeat(k, *([1] * (value.dim() - 1)))
-        return memo[id(value)]
+            memo[id(value)] = (value, value.repeat(k, *([1] * (value.dim() - 1))))
+        return memo[id(value)][1]
     if isinstance(value, tuple | list):
         return type(value)(_repeat_rows(v, rows, k, memo, min_dim) for v in value)
     if isinstance(value, Mapping):
@@ -208,7 +213,7 @@ class _Pass:
         self.params = params
         self.k = k
         self.rows: int | None = None  # B', the rows of one particle where the particles joined the batch
-        self.memo: dict[int, torch.Tensor] = {}
+        self.memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def expand(self, rows: int, value: Any, min_dim: int) -> Any:
         if self.rows is None:

@@ -183,8 +183,9 @@ class ParticlePosterior(Posterior):
         """
         draws = super().num_draws(num_samples)
         if self.natural_num_samples is not None and draws != self.num_particles:
+            masses = f"{self.num_particles} point mass{'es' if self.num_particles > 1 else ''}"
             raise ValueError(
-                f"the posterior is {self.num_particles} point masses: predict with num_samples={self.num_particles} "
+                f"the posterior is {masses}: predict with num_samples={self.num_particles} "
                 f"(or None), each particle once; {draws} draws would repeat particles and bias the diversity metrics"
             )
         self._check_stratified(draws)

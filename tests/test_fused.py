@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 
 from pyro_ibdr import BayesianLoRA, predict_loader, predictive_probs
 from pyro_ibdr.functional import ParticleFallbackWarning
-from pyro_ibdr.particle_lora import Unfusable
+from pyro_ibdr.particle_lora import Unfusable, _Pass
 from tests._dummies.nets import TinyMLP
 from tests._dummies.particles import FAMILIES, LAST_BLOCKS, mlp
 
@@ -260,6 +260,19 @@ def test_a_bad_input_raises_and_keeps_the_fused_pass():
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
         fused.logits(spread(fused), torch.rand(3, 65))
     assert fused.forward.mode == "fused"
+
+
+def test_tensors_repeated_once_per_pass_are_told_apart_by_identity_not_by_a_reused_id():
+    # Regression: the pass memoised repetitions by id() alone, so a freed block input whose id CPython handed to
+    # the next block's input came back as the old repetition (map's K = 1 logits varied between calls).
+    step = _Pass({}, k=2)
+    for i in range(200):
+        hidden = torch.full((3, 4), float(i))  # a fresh tensor each time; the previous one is freed
+        torch.testing.assert_close(step.expand(3, hidden, 2), hidden.repeat(2, 1))
+    mask = torch.ones(3, 5)
+    assert step.expand(3, (mask,), 2)[0] is step.expand(3, {"m": mask}, 2)["m"]  # one repetition per tensor
+    one = _Pass({}, k=1)
+    assert one.expand(3, hidden, 2) is hidden and not one.memo  # K = 1: nothing to repeat, nothing kept
 
 
 def test_unknown_mode_is_refused():

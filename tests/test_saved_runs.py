@@ -61,8 +61,6 @@ def _records(output: Path) -> dict[str, dict]:
     return {r["method"] + str(r["seed"]): r for r in json.loads((output / "results.json").read_text())["runs"]}
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (issue #12, open): since the merge with timm preprocessing and saved "
-                   "posteriors, predict on a saved map/mle posterior gives other NLL/ECE than the run (accuracy equal)")
 def test_predict_scores_a_saved_posterior_as_the_run_did(finished: tuple[Path, Path], tmp_path: Path) -> None:
     data_dir, output = finished
     for key, record in _records(output).items():
@@ -82,8 +80,12 @@ def test_predict_scores_a_saved_posterior_as_the_run_did(finished: tuple[Path, P
     saved = json.loads(result.stdout)
     assert saved["data"]["split"] == "val200" and saved["data"]["examples"] == 5
     assert saved["metrics"]["num_samples"] == 2 and saved["seed"] == 1 and saved["method"] == "ibdr"
-    message = error_message(_pyro_ibdr("predict", ibdr, "--num-samples", "4"))  # K = 2 point masses: S = K only
-    assert "--num-samples" in message and "2 point masses" in message
+    result = _pyro_ibdr("predict", ibdr, "--num-samples", "4")  # the paper preset's σ > 0: S = 2 draws per particle
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["metrics"]["num_samples"] == 4
+    point_mass = output / "posteriors" / "eurosat__map__seed0.pt"
+    message = error_message(_pyro_ibdr("predict", point_mass, "--num-samples", "4"))  # a point mass: S = K only
+    assert "--num-samples" in message and "1 point mass:" in message
 
 
 def test_predict_refuses_what_does_not_fit(finished: tuple[Path, Path], tmp_path: Path) -> None:

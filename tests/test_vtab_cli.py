@@ -278,9 +278,7 @@ def test_help_documents_every_option() -> None:
 
 
 @pytest.mark.parametrize(("method", "samples", "parameters"), [
-    pytest.param("mle", 1, None, marks=pytest.mark.xfail(strict=True, reason=(
-        "known bug (issue #12, open): predict on a saved mle posterior gives NLL/ECE other than the run's"))),
-    ("fft", 1, 300_746), ("laplace", 2, None), ("ivon", 2, None),
+    ("mle", 1, None), ("fft", 1, 300_746), ("laplace", 2, None), ("ivon", 2, None),
     ("pvera", 2, 6 * 2 * (64 + 2 * 8) + 650),  # λ_b (64) and λ_d (2r) on q and v of 6 blocks, plus the head
 ])
 def test_each_new_baseline_runs_from_the_cli(data_dir: Path, tmp_path: Path, method: str, samples: int,
