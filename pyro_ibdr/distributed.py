@@ -226,6 +226,14 @@ def batch_mean(tensors: Sequence[torch.Tensor], count: int) -> list[torch.Tensor
     return [m.reshape(t.shape).to(t.dtype) for m, t in zip(mean, tensors, strict=True)]
 
 
+def global_rows(count: int) -> int:
+    """B = Σ_r B_r, the rows of the global batch, from this process's ``count`` = B_r (``count`` outside data
+    mode; one all-reduce of a scalar)."""
+    if mode() != "data":
+        return count
+    return int(_all_reduce(torch.tensor([float(count)], dtype=torch.float64)).item())
+
+
 def average_terms(terms: Mapping[str, float], count: int) -> dict[str, float]:
     """A step's logged scalars averaged over the data-parallel shards (:func:`batch_mean`; keys sorted)."""
     if mode() != "data":

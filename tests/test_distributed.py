@@ -35,12 +35,26 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str
     return folder, spawn_group(folder)
 
 
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A posterior's tensors (nested for laplace's curvature state) by path."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    if isinstance(tree, list | tuple):
+        return {k: v for i, value in enumerate(tree) for k, v in _leaves(value, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
 def _assert_same_run(ranks: list[dict[str, Any]], reference: dict[str, Any], tolerance: dict = CLOSE) -> None:
     """Both ranks hold the identical result, equal to one process's to float tolerance, and it moved."""
     first, second = ranks
-    for name, value in first["posterior"].items():
-        assert torch.equal(value, second["posterior"][name]), f"the ranks' {name} differ"
-        torch.testing.assert_close(value, reference["posterior"][name], **tolerance)
+    mine, other, expected = (_leaves(r["posterior"]) for r in (first, second, reference))
+    assert mine.keys() == other.keys() == expected.keys()
+    for name, value in mine.items():
+        if not isinstance(value, torch.Tensor):
+            assert value == other[name] == expected[name], name
+            continue
+        assert torch.equal(value, other[name]), f"the ranks' {name} differ"
+        torch.testing.assert_close(value, expected[name], **tolerance)
     assert first["history"] == second["history"]
     assert len(first["history"]) == len(reference["history"]) == 2
     for got, expected in zip(first["history"], reference["history"], strict=True):
@@ -49,6 +63,8 @@ def _assert_same_run(ranks: list[dict[str, Any]], reference: dict[str, Any], tol
             assert got[term] == pytest.approx(value, rel=1e-4, abs=1e-6), term
     if "lambda" in reference["state"]:
         assert first["state"]["lambda"] == pytest.approx(reference["state"]["lambda"], rel=1e-5)
+    counts = {k: v for k, v in reference["state"].items() if isinstance(v, int | str)}  # e.g. blob's M, bayestune's k
+    assert {k: first["state"][k] for k in counts} == {k: second["state"][k] for k in counts} == counts
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))

@@ -10,6 +10,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from .. import distributed
 from ..functional import Inputs
 from ..likelihood import log_likelihood
 from ..model import BayesianLoRA
@@ -82,10 +83,15 @@ class BayesTune(Method):
     actual posterior; a larger N̂ weakens the prior, which on small data sets otherwise pins most λ near its
     mode). Simplification: stage 1 takes a fixed share of the run's steps, so BayesTune costs the same
     number of passes as the other methods rather than two full trainings.
+
+    Data-parallel (:mod:`pyro_ibdr.distributed`, ``"data"``): the gradients of U/N̂ (stage 1) and of the NLL
+    (stage 2) are reduced to the global batch's before the step; the Langevin noise comes from the method's own
+    seeded generator, the same on every process, so every process holds the same chain and selection.
     """
 
     name = "bayestune"
     config_class = BayesTuneConfig
+    distributed_modes = frozenset({"data"})
 
     def __init__(
         self, model: BayesianLoRA, config: BayesTuneConfig | None = None, optim: OptimSettings | None = None,
@@ -162,6 +168,7 @@ class BayesTune(Method):
         potential = self.potential(theta, scale, x, y)
         potential.backward()
         theta_u, scale_u = theta.unconstrained(), scale.unconstrained()
+        distributed.reduce_gradients({"theta": theta_u, "scale": scale_u}, len(y))
         theta_u.grad += self._langevin_noise(theta_u, self.lr)
         scale_u.grad += self._langevin_noise(scale_u, self.config.scale_lr)
         self.optim([theta_u])
@@ -188,6 +195,7 @@ class BayesTune(Method):
         loss = -log_likelihood(self.model, theta, x, y) / self.model.num_data
         loss.backward()
         values_u = values.unconstrained()
+        distributed.reduce_gradients({"selected": values_u}, len(y))
         self.optim([values_u])
         pyro.infer.util.zero_grads([values_u])
         self.num_steps += 1

@@ -9,15 +9,15 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import SVI
 from torch.distributions import kl_divergence
 
+from .. import distributed
 from ..functional import Inputs
 from ..likelihood import log_likelihood
 from ..model import THETA, BayesianLoRA
 from ..params import is_lora_a
 from ..posterior import GaussianPosterior, Posterior
-from .base import Method, MethodConfig, OptimSettings
+from .base import Method, MethodConfig, OptimSettings, distributed_svi
 
 #: The plate that vectorises the S training draws of one step.
 SAMPLES_PLATE = "blob_samples"
@@ -113,10 +113,15 @@ class BLoB(Method):
     Simplifications: one draw of A per sample and minibatch instead of Flipout's per-example sign flips
     (same expected gradient, more variance); one optimiser for the whole objective, where the authors' code
     steps the KL with a separate SGD and weighs it against the per-example mean NLL.
+
+    Data-parallel (:mod:`pyro_ibdr.distributed`, ``"data"``): the draws of A come from the guide's own seeded
+    generator, the same on every process; the gradients are reduced to the global batch's (the KL's share is the
+    same everywhere) and M counts global batches.
     """
 
     name = "blob"
     config_class = BLoBConfig
+    distributed_modes = frozenset({"data"})
 
     def __init__(
         self, model: BayesianLoRA, config: BLoBConfig | None = None, optim: OptimSettings | None = None,
@@ -131,7 +136,7 @@ class BLoB(Method):
         self.num_steps = 0
         self.terms: dict[str, float] = {}
         self.optim = self.optim_settings.pyro_optimizer()
-        self.svi = SVI(model, self.guide, self.optim, loss=self._negative_objective)
+        self.svi = distributed_svi(model, self.guide, self.optim, self._negative_objective)
 
     @property
     def passes_per_step(self) -> int:
@@ -165,7 +170,7 @@ class BLoB(Method):
 
     def step(self, x: Inputs, y: torch.Tensor) -> dict[str, float]:
         if self.batches_per_epoch is None:
-            self.batches_per_epoch = math.ceil(self.model.num_data / len(y))
+            self.batches_per_epoch = math.ceil(self.model.num_data / distributed.global_rows(len(y)))
         self.svi.step(x, y)
         self.num_steps += 1
         return dict(self.terms)

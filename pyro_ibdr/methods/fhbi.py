@@ -11,6 +11,8 @@ from pyro import poutine
 from pyro.infer import SVGD
 from pyro.infer.svgd import SteinKernel
 
+from .. import distributed
+from ..functional import batch_size
 from ..likelihood import log_likelihood
 from ..model import THETA, BayesianLoRA
 from .svgd import SteinVGD, SVGDConfig
@@ -39,6 +41,7 @@ class SharpnessAwareSVGD(SVGD):
         theta = particles.detach().requires_grad_(True)
         mean_nll = -log_likelihood(self.bayesian_model, theta, x, y) / self.bayesian_model.num_data
         (grads,) = torch.autograd.grad(mean_nll.sum(), theta)
+        (grads,) = distributed.batch_mean([grads], count=batch_size(x))  # data mode: the global batch's mean
         log_kernel, _ = self.kernel.log_kernel_and_grad(theta.detach())
         direction = log_kernel.sum(-1).exp() @ grads
         return self.rho * direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -85,9 +88,10 @@ class FHBI(SteinVGD):
 
     name = "fhbi"
     config_class = FHBIConfig
-    #: The sharpness ascent mixes every particle's minibatch gradient through the kernel; neither mode of
-    #: :mod:`pyro_ibdr.distributed` reduces it yet, so FHBI runs in one process only (a clear error otherwise).
-    distributed_modes = frozenset()
+    #: Data-parallel: the ascent's per-particle gradients are reduced to the global batch's mean before the kernel
+    #: mixes them, and the descent is SVGD's data-parallel step taken at θ + e. Particle-parallel is not offered:
+    #: ψ_i needs every particle's gradient (a gather of K·D values per step, what SVGD's particle mode avoids).
+    distributed_modes = frozenset({"data"})
 
     def _make_svgd(self) -> SVGD:
         return SharpnessAwareSVGD(self.model, self.kernel, self.optim, self.num_particles, self.config.rho)
@@ -95,6 +99,14 @@ class FHBI(SteinVGD):
     @property
     def passes_per_step(self) -> int:
         return 2 * self.num_particles
+
+    def _offset(self, particles: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """e (K, D) of the functional ascent at the particles (data mode's descent; one process uses
+        :class:`SharpnessAwareSVGD`'s own loss)."""
+        offset = self.svgd.perturbation(particles, *args, **kwargs) if self.config.rho > 0 else super()._offset(
+            particles)
+        self.svgd.last_perturbation = offset
+        return offset
 
     def step(self, x: Any, y: torch.Tensor) -> dict[str, float]:
         terms = super().step(x, y)

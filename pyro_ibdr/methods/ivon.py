@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from pyro import poutine
 
+from .. import distributed
 from ..functional import Inputs
 from ..model import THETA, BayesianLoRA
 from ..posterior import GaussianPosterior, Posterior
@@ -59,12 +60,15 @@ class IVON(Method):
     (the first steps are m ← m − lr·ĝ while h ≈ h0): Adam-sized rates are too small. m starts at θ0.
     The posterior is the optimiser's Gaussian (loc m, scale (λ (h + δ))^{-1/2}).
 
-    Not under :mod:`pyro_ibdr.distributed`: ivon-opt's optimiser draws the weight noise and estimates the Hessian
-    inside its own step, with no reduction across processes.
+    Data-parallel (:mod:`pyro_ibdr.distributed`, ``"data"``): each process backpropagates its shard at the shared
+    weight sample (ivon-opt draws it from torch's global generator, which stays in step across processes) and the
+    gradient is reduced to the global batch's mean before ivon-opt reads it for its gradient and Hessian
+    estimates, so every process holds the same posterior.
     """
 
     name = "ivon"
     config_class = IVONConfig
+    distributed_modes = frozenset({"data"})
 
     def __init__(
         self, model: BayesianLoRA, config: IVONConfig | None = None, optim: OptimSettings | None = None,
@@ -110,6 +114,7 @@ class IVON(Method):
                 self.optimizer.zero_grad()
                 loss = self.nll(x, y)
                 loss.backward()
+                distributed.reduce_gradients({"theta": self.theta}, len(y))
             losses.append(float(loss.detach()))
         self.optimizer.step()
         self.num_steps += 1

@@ -263,13 +263,15 @@ class LaplaceLoRA(MAP):
     or per chunk of ``jacobian_batch_size`` examples (diagonal, from Jacobians); the GLM predictive costs C
     backward passes per chunk of test examples, whatever S; the "nn" predictive S forward passes.
 
-    Not under :mod:`pyro_ibdr.distributed`: laplace-torch's curvature pass and its marginal-likelihood fit hold the
-    whole training set's sums on one process (no reduction across processes).
+    Data-parallel (:mod:`pyro_ibdr.distributed`, ``"data"``): the MAP steps reduce their gradients like
+    :class:`~pyro_ibdr.methods.MAP`; laplace-torch's curvature pass and marginal-likelihood fit have no reduction
+    across processes, so every process runs them on the whole training loader (the same batches everywhere, as
+    ``fit`` requires) and holds the identical approximation: correct, but the post-hoc fit is not sped up.
     """
 
     name = "laplace"
     config_class = LaplaceConfig
-    distributed_modes = frozenset()
+    distributed_modes = frozenset({"data"})
 
     def __init__(
         self, model: BayesianLoRA, config: LaplaceConfig | None = None, optim: OptimSettings | None = None,

@@ -52,6 +52,11 @@ SCENARIOS: dict[str, tuple[str, dict[str, Any]]] = {
     "bbb": ("bbb", {"num_samples": 2}),
     "sa_bnn": ("sa_bnn", {"num_samples": 2}),
     "sgld": ("sgld", {"burn_in": 2, "thin": 1, "num_samples": 3}),
+    "laplace": ("laplace", {"marglik_steps": 5}),
+    "ivon": ("ivon", {"mc_samples": 2}),
+    "blob": ("blob", {"num_samples": 2}),
+    "bayestune": ("bayestune", {"selection_steps": 3, "burn_in_fraction": 0.5}),
+    "fhbi": ("fhbi", {"num_particles": 4, "rho": 0.05}),
 }
 PARTICLE = ("ibdr", "ibdr_authors", "svgd", "ensemble")
 #: Runs that must fail in a 2-process group, with the error's text.
@@ -60,8 +65,10 @@ ERRORS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "particle_bbb": ("particle", "bbb", {}, "method 'bbb' does not run under distributed='particle'"),
     "particle_sgld": ("particle", "sgld", {}, "method 'sgld' does not run under distributed='particle'"),
     "particle_sam": ("particle", "sam", {}, "K = 1 particles cannot be split evenly over 2"),
-    "data_laplace": ("data", "laplace", {}, "method 'laplace' does not run under distributed='data' (supported: none)"),
-    "data_ivon": ("data", "ivon", {}, "method 'ivon' does not run under distributed='data' (supported: none)"),
+    "particle_laplace": ("particle", "laplace", {}, "method 'laplace' does not run under distributed='particle' "
+                         "(supported: 'data')"),
+    "particle_fhbi": ("particle", "fhbi", {}, "method 'fhbi' does not run under distributed='particle' "
+                      "(supported: 'data')"),
     "particle_odd_k": ("particle", "ibdr", {"num_particles": 3}, "K = 3 particles cannot be split evenly over 2"),
 }
 
