@@ -187,7 +187,7 @@ def load_task(task: str, source: str, files: dict[str, Path], select: int | None
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=1,
               help="Epochs (passes over the training questions) between training snapshots in <output>/resume "
                    "(0: none; the last step is always kept); a rerun continues an interrupted run from its last "
-                   "snapshot, to the same numbers.")
+                   "snapshot, to the same numbers. Not under --distributed (a unit reruns whole).")
 @precision_option
 @parallel_options
 @post_hoc_options(anchor_size=64)

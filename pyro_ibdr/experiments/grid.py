@@ -280,8 +280,9 @@ def unit_options() -> dict[str, Any]:
 
 
 def snapshots(path: Path, every: int) -> dict[str, Any]:
-    """fit() options that snapshot the run to ``path`` every ``every`` epochs (none for 0)."""
-    return {"checkpoint": path, "checkpoint_every": every} if every else {}
+    """fit() options that snapshot the run to ``path`` every ``every`` epochs: none for 0, and none under a
+    distributed mode (``fit`` writes snapshots from one process only; such a unit reruns whole after a kill)."""
+    return {"checkpoint": path, "checkpoint_every": every} if every and distributed.mode() is None else {}
 
 
 def write_summary(folder: str | Path, records: Sequence[dict[str, Any]], config: dict[str, Any],

@@ -205,7 +205,8 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: all cores).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=1,
               help="Epochs between training snapshots in <output>/resume (0: none); a rerun continues an "
-                   "interrupted run from its last snapshot, to the same numbers.")
+                   "interrupted run from its last snapshot, to the same numbers. Not under --distributed (a "
+                   "unit reruns whole).")
 @precision_option
 @parallel_options
 @post_hoc_options(anchor_size=256)
