@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..functional import Inputs, as_logits, batch_size
-from ..model import THETA, BayesianLoRA
+from ..model import LOW_PRECISION, THETA, BayesianLoRA
 from ..params import assigned
 from ..posterior import Posterior
 from ..predictive import predictive_probs
@@ -49,9 +49,28 @@ class ThetaNetwork(nn.Module):
 
 
 @contextmanager
+def held_in_float32(net: nn.Module) -> Iterator[None]:
+    """Inside the block every float16/bfloat16 parameter and buffer of ``net`` holds its values in float32 (the
+    same tensor objects, ``.data`` replaced); afterwards each gets its own dtype back, exactly (both round trips
+    are lossless). laplace-torch feeds float32 batches and needs float32 curvature (its eigendecompositions have
+    no half-precision kernels), so the fit and the predictive of a network held in low precision run in float32
+    at the cost of a float32 copy of the network while they run."""
+    low = [t for t in (*net.parameters(), *net.buffers()) if t.dtype in LOW_PRECISION]
+    dtypes = [t.dtype for t in low]
+    for tensor in low:
+        tensor.data = tensor.data.float()
+    try:
+        yield
+    finally:
+        for tensor, dtype in zip(low, dtypes, strict=True):
+            tensor.data = tensor.data.to(dtype)
+
+
+@contextmanager
 def at_theta(model: BayesianLoRA, theta: torch.Tensor) -> Iterator[None]:
-    """Inside the block the network holds θ, exactly θ's tensors require grad (laplace-torch's definition of the
-    parameters it approximates) and it is in eval mode; all three are restored afterwards."""
+    """Inside the block the network holds θ (in float32, :func:`held_in_float32`), exactly θ's tensors require
+    grad (laplace-torch's definition of the parameters it approximates) and it is in eval mode; all are restored
+    afterwards."""
     params = dict(model.net.named_parameters())
     flags = {name: p.requires_grad for name, p in params.items()}
     was_training = model.net.training
@@ -60,7 +79,7 @@ def at_theta(model: BayesianLoRA, theta: torch.Tensor) -> Iterator[None]:
         for name, p in params.items():
             p.requires_grad_(name in chosen)
         model.net.eval()
-        with assigned(model.net, model.spec, theta):
+        with held_in_float32(model.net), assigned(model.net, model.spec, theta):
             yield
     finally:
         for name, p in params.items():
