@@ -15,16 +15,22 @@ fits IBDR variants and the baselines at the same K on two problems and scores th
   MLP pre-trained on digits 0–4 then frozen, LoRA on its two hidden layers and a new head for all 10 classes.
 
 Stages, each at K = 4 over 3 seeds: (A) diversity ∈ {volume, log-volume} × σ ∈ {0, 1e-3, learnable from
-1e-3}; (B) ρ ∈ {ρ₀/4, ρ₀, 4ρ₀} at A's choice; (C) ablations at B's choice (ascent off, diversity off,
-σ = 0) beside map and a deep ensemble. The rule, fixed before running: the lowest validation NLL averaged
-over both problems (each the mean over seeds); accuracy and ECE are reported beside it.
+1e-3}; (B) ρ ∈ {ρ₀/4, ρ₀, 4ρ₀} at A's choice; (D) the dual step η ∈ {η₀/10, η₀, 10η₀}, then λ₀ ∈ {λ₀/4,
+λ₀, 4λ₀}, at the choice so far; (C) ablations at the final choice (ascent off, diversity off, σ = 0) beside
+map and a deep ensemble. The rule, fixed before running: the lowest validation NLL averaged over both
+problems (each the mean over seeds); accuracy and ECE are reported beside it.
+
+A rerun into the same ``--output`` reuses the runs of ``selection.json`` whose label, method and options are
+those asked for (the seeds too), so a new stage costs only its own runs.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,8 @@ from pyro_ibdr.io import atomic_write, write_json
 K = PAPER.num_particles
 SEEDS = (0, 1, 2)
 RHO0 = PAPER.loss.rho
+ETA0 = PAPER.loss.dual_lr
+LAMBDA0 = PAPER.loss.lambda_init
 
 
 @dataclass(frozen=True)
@@ -145,14 +153,20 @@ def run_one(problem: Problem, method: str, options: dict[str, Any], seed: int) -
     return {k: float(metrics[k]) for k in ("accuracy", "ece", "nll", "disagreement")}
 
 
-def score(problems: list[Problem], method: str, options: dict[str, Any], log: dict, label: str) -> float:
-    """Mean validation NLL over problems (each averaged over seeds); records every run under ``label``."""
+def score(problems: list[Problem], method: str, options: dict[str, Any], log: dict, label: str,
+          earlier: dict | None = None) -> float:
+    """Mean validation NLL over problems (each averaged over seeds); records every run under ``label``, reusing
+    ``earlier``'s runs (a previous ``selection.json`` log) of the same label, method, options and seeds."""
     per_problem = []
     for problem in problems:
-        runs = [run_one(problem, method, options, seed) for seed in SEEDS]
+        stored = (earlier or {}).get(label, {}).get(problem.name)
+        if stored and stored["method"] == method and stored["options"] == options and stored["seeds"] == list(SEEDS):
+            runs = stored["runs"]
+        else:
+            runs = [run_one(problem, method, options, seed) for seed in SEEDS]
         summary = {k: (statistics.mean(r[k] for r in runs), statistics.stdev(r[k] for r in runs)) for k in runs[0]}
-        log.setdefault(label, {})[problem.name] = {"method": method, "options": options, "runs": runs,
-                                                   "mean_std": summary}
+        log.setdefault(label, {})[problem.name] = {"method": method, "options": options, "seeds": list(SEEDS),
+                                                   "runs": runs, "mean_std": summary}
         per_problem.append(summary["nll"][0])
         click.echo(f"{label:<34} {problem.name:<8} " + "  ".join(
             f"{k} {m:.4f}±{s:.4f}" for k, (m, s) in summary.items()), err=True)
@@ -177,27 +191,37 @@ def table(log: dict) -> str:
 @click.option("--output", type=click.Path(path_type=Path), required=True, help="Folder for the table and runs.")
 @click.option("--threads", type=int, default=2, help="torch threads.")
 def main(output: Path, threads: int) -> None:
-    """Stages A-C on validation data; writes selection.json and selection.md to OUTPUT."""
+    """Stages A, B, D and C on validation data; writes selection.json and selection.md to OUTPUT."""
     torch.set_num_threads(threads)
     output.mkdir(parents=True, exist_ok=True)
     problems = [_cifar10(output / "cifar10_features.pt"), _digits()]
+    stored = output / "selection.json"
+    earlier = json.loads(stored.read_text())["runs"] if stored.exists() else None
     log: dict[str, Any] = {}
+    run = partial(score, problems, log=log, earlier=earlier)
 
     stage_a = {(d, s): {"diversity": d, "sigma": 1e-3 if s != "0" else 0.0,
                         "learn_sigma": s == "learned"}
                for d in ("volume", "log_volume") for s in ("0", "1e-3", "learned")}
-    a = {key: score(problems, "ibdr", opts, log, f"ibdr {key[0]}, σ {key[1]}") for key, opts in stage_a.items()}
+    a = {key: run("ibdr", opts, label=f"ibdr {key[0]}, σ {key[1]}") for key, opts in stage_a.items()}
     best_a = stage_a[min(a, key=a.get)]
     b = {RHO0: a[min(a, key=a.get)]}
     for rho in (RHO0 / 4, RHO0 * 4):
-        b[rho] = score(problems, "ibdr", {**best_a, "rho": rho}, log, f"ibdr A's choice, ρ {rho:g}")
-    chosen = {**best_a, "rho": min(b, key=b.get)}
+        b[rho] = run("ibdr", {**best_a, "rho": rho}, label=f"ibdr A's choice, ρ {rho:g}")
+    chosen, best = {**best_a, "rho": min(b, key=b.get)}, min(b.values())
+    for name, symbol, default, factor in (("dual_lr", "η", ETA0, 10), ("lambda_init", "λ₀", LAMBDA0, 4)):
+        d = {default: best}
+        for value in (default / factor, default * factor):
+            d[value] = run("ibdr", {**chosen, name: value}, label=f"ibdr choice so far, {symbol} {value:g}")
+        if min(d, key=d.get) != default:
+            chosen = {**chosen, name: min(d, key=d.get)}
+        best = min(d.values())
     for label, change in (("ascent off", {"ascent": "none"}), ("diversity off", {"alpha": 0.0}),
                           ("σ = 0", {"sigma": 0.0, "learn_sigma": False})):
         if {**chosen, **change} != chosen:
-            score(problems, "ibdr", {**chosen, **change}, log, f"ibdr chosen, {label}")
-    score(problems, "map", {}, log, "map")
-    score(problems, "ensemble", {}, log, f"deep ensemble (K = {K})")
+            run("ibdr", {**chosen, **change}, label=f"ibdr chosen, {label}")
+    run("map", {}, label="map")
+    run("ensemble", {}, label=f"deep ensemble (K = {K})")
 
     report = {"chosen": chosen, "rule": "lowest mean validation NLL over both problems", "runs": log}
     write_json(output / "selection.json", report)

@@ -115,8 +115,8 @@ class Preset:
 #: per-example units, K = 4, each particle with its own head, predicted with the mean of probabilities.
 #: σ (learned, from 1e-3), the diversity kind (volume) and ρ (0.0025) were chosen by the lowest validation NLL
 #: (train800 → val200 on the offline CIFAR-10 task, and a digits train/validation split; 3 seeds) among
-#: volume/log-volume × σ ∈ {0, 1e-3, learned}, then ρ ∈ {ρ₀/4, ρ₀, 4ρ₀}: ``examples/select_defaults.py``
-#: and the README's table. The dual step (η = 10, λ₀ = 1) was not swept.
+#: volume/log-volume × σ ∈ {0, 1e-3, learned}, then ρ ∈ {ρ₀/4, ρ₀, 4ρ₀}, then η ∈ {1, 10, 100} and λ₀ ∈
+#: {0.25, 1, 4} (which kept η = 10, λ₀ = 1): ``examples/select_defaults.py`` and the README's table.
 PAPER = Preset(
     name="paper",
     loss=IBDRSettings(),
