@@ -103,8 +103,8 @@ class FHBI(SteinVGD):
     def _offset(self, particles: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """e (K, D) of the functional ascent at the particles (data mode's descent; one process uses
         :class:`SharpnessAwareSVGD`'s own loss)."""
-        offset = self.svgd.perturbation(particles, *args, **kwargs) if self.config.rho > 0 else super()._offset(
-            particles)
+        offset = (self.svgd.perturbation(particles, *args, **kwargs) if self.config.rho > 0
+                  else torch.zeros_like(particles))
         self.svgd.last_perturbation = offset
         return offset
 

@@ -134,9 +134,9 @@ class SteinVGD(Method):
 
         return recorded
 
-    def _offset(self, particles: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """e (K, D), constant: the log joint's gradient of particle j is taken at θ_j + e_j (SVGD: e = 0)."""
-        return torch.zeros_like(particles)
+    def _offset(self, particles: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        """e (K, D), constant: the log joint's gradient of particle j is taken at θ_j + e_j (SVGD: None, e = 0)."""
+        return None
 
     def _process_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """−Σ_n log p(θ_n, D_b) over all K particles and the global batch, as a surrogate whose gradient with
@@ -144,7 +144,8 @@ class SteinVGD(Method):
         particles (:func:`~pyro_ibdr.distributed.particle_rows`) on its shard of the batch."""
         rows = pyro.param(PARTICLES_PARAM).unconstrained().reshape(self.num_particles, -1)
         own = rows[self.rows]
-        at = own + self._offset(rows.detach(), *args, **kwargs)[self.rows]  # where the gradient is taken
+        offset = self._offset(rows.detach(), *args, **kwargs)
+        at = own if offset is None else own + offset[self.rows]  # where the gradient is taken
         plate = pyro.plate("svgd_process_particles", own.shape[0], dim=-(self.model.max_plate_nesting + 1))
         with plate:
             trace = poutine.trace(poutine.condition(self.model, data={THETA: at.unsqueeze(-2)})).get_trace(
