@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from pyro_ibdr.experiments.assets import cifar10, fetch
+from pyro_ibdr.experiments.assets.vtab_folder import stratified_order
 from pyro_ibdr.experiments.data import TASKS, PreloadedDataset, VTABDataset, get_task, read_file_list, resolve_task_dir
 from pyro_ibdr.experiments.data.preprocess import ImagePreprocess
 from pyro_ibdr.experiments.data.vtab import randaugment_flip
@@ -106,7 +107,7 @@ def test_cifar10_writer_rejects_bad_sizes_and_data(tmp_path: Path, fake_sdist: l
 
 def test_stratified_order_balances_every_prefix() -> None:
     labels = np.repeat(np.arange(4), 25)
-    order = cifar10.stratified_order(labels, seed=3)
+    order = stratified_order(labels, seed=3)
     assert sorted(order.tolist()) == list(range(100))
     for n in (4, 20, 40, 99):
         counts = np.bincount(labels[order[:n]], minlength=4)
@@ -114,11 +115,12 @@ def test_stratified_order_balances_every_prefix() -> None:
 
 
 def test_task_table_and_aliases(tmp_path: Path) -> None:
-    assert len(TASKS) == 20  # the 19 VTAB-1k tasks and the offline cifar10
+    assert len(TASKS) == 21  # the 19 VTAB-1k tasks and the offline fashion_mnist and cifar10
     expected = {"cifar100": 100, "caltech101": 102, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37,
                 "svhn": 10, "sun397": 397, "patch_camelyon": 2, "eurosat": 10, "resisc45": 45,
                 "diabetic_retinopathy": 5, "clevr_count": 8, "clevr_dist": 6, "dmlab": 6, "kitti": 4,
-                "dsprites_loc": 16, "dsprites_ori": 16, "smallnorb_azi": 18, "smallnorb_ele": 9, "cifar10": 10}
+                "dsprites_loc": 16, "dsprites_ori": 16, "smallnorb_azi": 18, "smallnorb_ele": 9, "cifar10": 10,
+                "fashion_mnist": 10}
     assert {name: spec.num_classes for name, spec in TASKS.items()} == expected
     aliases = [a for spec in TASKS.values() for a in (spec.name, *spec.aliases)]
     assert len(aliases) == len(set(aliases))

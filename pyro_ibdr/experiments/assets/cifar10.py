@@ -5,17 +5,14 @@ Provenance: the BIG-bench task ``cifar10_classification/base64`` holds the CIFAR
 ``target_scores`` over the ten class names, sorted by class. It ships in the ``bigbench==1.0.0`` sdist on
 PyPI (Apache-2.0), read here straight out of the tar archive (member ``TASK_MEMBER``) without installing
 the package (its dependencies include tensorflow and a local zip). If ``bigbench`` happens to be installed,
-its copy of the file is used.
+its copy of the file is used. PyPI no longer serves ``bigbench==1.0.0`` (only 0.0.1 was listed on 2026-12-06),
+so on a new machine this task needs an installed copy (``pip install --no-deps <local bigbench-1.0.0.tar.gz>``)
+or the sdist in ``cache_dir()/downloads``; the offline default uses Fashion-MNIST instead
+(:mod:`pyro_ibdr.experiments.assets.fashion_mnist`).
 
-The folder written by :func:`ensure_cifar10_vtab` follows the VTAB-1k file-list convention::
-
-    <root>/cifar10/images/<index>.png          the original PNG bytes (index in the BIG-bench task)
-    <root>/cifar10/train800.txt, val200.txt, train800val200.txt, test.txt
-                                               lines "images/<index>.png <label>"
-    <root>/cifar10/.complete.json              the settings, written last
-
-Splits are stratified (equal counts per class, up to remainders) and disjoint; labels follow the usual
-CIFAR-10 class order ``CLASSES``.
+:func:`ensure_cifar10_vtab` writes a VTAB-1k-format folder (:mod:`pyro_ibdr.experiments.assets.vtab_folder`)
+whose images are named by their index in the BIG-bench task. Splits are stratified (equal counts per class,
+up to remainders) and disjoint; labels follow the usual CIFAR-10 class order ``CLASSES``.
 """
 
 from __future__ import annotations
@@ -23,28 +20,35 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from pyro_ibdr.experiments.assets.fetch import cache_dir, package_root
+from pyro_ibdr.experiments.assets.vtab_folder import Split, check_split_sizes, ensure_task_folder, stratified_order
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 TASK_MEMBER = "bigbench-1.0.0/bigbench/benchmark_tasks/cifar10_classification/base64/task.json"
 TASK_NAME = "cifar10"
-_MARKER = ".complete.json"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def bigbench_cifar10_json() -> Path:
-    """The BIG-bench CIFAR-10 ``task.json``: from an installed ``bigbench``, else from the pinned sdist."""
-    root = package_root("bigbench", BIGBENCH_REQUIREMENT, [TASK_MEMBER], kind="sdist", sha256=BIGBENCH_SHA256)
+    """The BIG-bench CIFAR-10 ``task.json``: from an installed ``bigbench``, else from the pinned sdist.
+
+    Raises:
+        RuntimeError: neither is here and the sdist cannot be downloaded (PyPI no longer serves it).
+    """
+    try:
+        root = package_root("bigbench", BIGBENCH_REQUIREMENT, [TASK_MEMBER], kind="sdist", sha256=BIGBENCH_SHA256)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"{error}\nThe offline cifar10 task needs {BIGBENCH_REQUIREMENT}, which PyPI no longer serves: install a "
+            "local copy (pip install --no-deps bigbench-1.0.0.tar.gz) or put the sdist in "
+            f"{cache_dir() / 'downloads'}; the offline default task fashion_mnist needs neither") from error
     return root.joinpath(*Path(TASK_MEMBER).parts[2:])
 
 
@@ -68,55 +72,6 @@ def decode_task(task: dict) -> tuple[list[bytes], np.ndarray]:
     return pngs, np.asarray(labels, dtype=np.int64)
 
 
-def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
-    """A permutation of the example indices whose every prefix is as class-balanced as possible.
-
-    Each class's indices are shuffled; the order then takes one example of every class per round (classes
-    in a shuffled order each round), so the first ``n`` indices hold ``n / C`` of each class up to one.
-    """
-    rng = np.random.default_rng(seed)
-    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    order = []
-    for round_ in range(max(len(p) for p in per_class)):
-        for c in rng.permutation(len(per_class)):
-            if round_ < len(per_class[c]):
-                order.append(per_class[c][round_])
-    return np.asarray(order, dtype=np.int64)
-
-
-def _split_lines(indices: Sequence[int], labels: np.ndarray) -> str:
-    return "".join(f"images/{i:05d}.png {labels[i]}\n" for i in indices)
-
-
-def _write_folder(folder: Path, pngs: list[bytes], labels: np.ndarray, splits: dict[str, np.ndarray],
-                  settings: dict) -> None:
-    (folder / "images").mkdir(parents=True)
-    for indices in splits.values():
-        for i in indices:
-            (folder / "images" / f"{i:05d}.png").write_bytes(pngs[i])
-    lists = {
-        "train800.txt": splits["train"],
-        "val200.txt": splits["val"],
-        "train800val200.txt": np.concatenate([splits["train"], splits["val"]]),
-        "test.txt": splits["test"],
-    }
-    for name, indices in lists.items():
-        (folder / name).write_text(_split_lines(indices, labels))
-    (folder / _MARKER).write_text(json.dumps(settings, indent=1))
-
-
-def _complete_with(folder: Path, settings: dict) -> bool:
-    marker = folder / _MARKER
-    if not marker.is_file():
-        return False
-    found = json.loads(marker.read_text())
-    if found != settings:
-        raise ValueError(
-            f"{folder} was written with settings {found}, not {settings}; pass another root or delete it"
-        )
-    return True
-
-
 def ensure_cifar10_vtab(root: Path | None = None, *, seed: int = 0, n_train: int = 800, n_val: int = 200,
                         n_test: int = 2000, task_json: Path | None = None) -> Path:
     """Write (once) and return the VTAB-1k-format ``cifar10`` task folder under ``root``.
@@ -128,37 +83,24 @@ def ensure_cifar10_vtab(root: Path | None = None, *, seed: int = 0, n_train: int
             of train and val). They must sum to at most the 10,000 source images.
         task_json: the BIG-bench ``task.json``; default :func:`bigbench_cifar10_json` (downloads once).
 
-    The folder is built in a temporary sibling and renamed into place, with the settings marker written
-    last, so an interrupted run leaves nothing that looks complete. A folder written with other settings
-    raises ``ValueError``.
+    Raises:
+        ValueError: bad split sizes, a malformed task, or a folder written with other settings.
+        RuntimeError: the BIG-bench task cannot be found or downloaded (:func:`bigbench_cifar10_json`).
     """
-    if min(n_train, n_val, n_test) < 1:
-        raise ValueError(f"split sizes must be positive, got {n_train=}, {n_val=}, {n_test=}")
-    root = Path(root) if root is not None else cache_dir() / "vtab-1k"
-    folder = root / TASK_NAME
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    check_split_sizes(sizes, {})
     settings = {"source": f"{BIGBENCH_REQUIREMENT}:{TASK_MEMBER}", "seed": seed, "n_train": n_train,
                 "n_val": n_val, "n_test": n_test}
-    if _complete_with(folder, settings):
-        return folder
-    task = json.loads(Path(task_json if task_json is not None else bigbench_cifar10_json()).read_text())
-    pngs, labels = decode_task(task)
-    total = n_train + n_val + n_test
-    if total > len(pngs):
-        raise ValueError(f"asked for {total} images in all, but the source has only {len(pngs)}")
-    order = stratified_order(labels, seed)
-    rng = np.random.default_rng(seed + 1)
-    bounds = np.cumsum([0, n_train, n_val, n_test])
-    splits = {name: rng.permutation(order[lo:hi])
-              for name, lo, hi in zip(("train", "val", "test"), bounds[:-1], bounds[1:], strict=True)}
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{TASK_NAME}-"))
-    try:
-        _write_folder(tmp / TASK_NAME, pngs, labels, splits, settings)
-        try:
-            os.replace(tmp / TASK_NAME, folder)
-        except OSError:
-            if not _complete_with(folder, settings):  # lost a race with a concurrent writer?
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    def build() -> tuple[dict[str, Split], Callable[[str], bytes]]:
+        task = json.loads(Path(task_json if task_json is not None else bigbench_cifar10_json()).read_text())
+        pngs, labels = decode_task(task)
+        check_split_sizes(sizes, {"train+val+test": len(pngs)})
+        order = stratified_order(labels, seed)
+        rng = np.random.default_rng(seed + 1)
+        bounds = np.cumsum([0, n_train, n_val, n_test])
+        splits = {name: [(f"{i:05d}", int(labels[i])) for i in rng.permutation(order[lo:hi])]
+                  for name, lo, hi in zip(("train", "val", "test"), bounds[:-1], bounds[1:], strict=True)}
+        return splits, lambda name: pngs[int(name)]
+
+    return ensure_task_folder(Path(root) if root is not None else cache_dir() / "vtab-1k", TASK_NAME, settings, build)

@@ -20,9 +20,9 @@ Seeded splits use :data:`SPLIT_SEED`, never the training seed, so every run of a
 Images are files with torchvision's ``IMG_EXTENSIONS``. The split names are VTAB's roles: train800val200 trains
 the final model, train800 -> val200 selects hyper-parameters, test is used once.
 
-The number of classes is the VTAB table's for the 19 VTAB-1k tasks (and the offline ``cifar10``); for any other
-folder it is read from the data (the number of class folders, or the largest label + 1 over the lists in use),
-unless given. Every label must be below it.
+The number of classes is the VTAB table's for the 19 VTAB-1k tasks (and the offline ``fashion_mnist`` and
+``cifar10``); for any other folder it is read from the data (the number of class folders, or the largest label + 1
+over the lists in use), unless given. Every label must be below it.
 """
 
 from __future__ import annotations

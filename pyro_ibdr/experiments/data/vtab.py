@@ -64,7 +64,8 @@ TASKS: dict[str, VTABTask] = {
         VTABTask("dsprites_ori", 16, ("dsprites-ori", "dsprites_orientation", "dsprites-orientation")),
         VTABTask("smallnorb_azi", 18, ("smallnorb-azi", "smallnorb_azimuth", "smallnorb-azimuth")),
         VTABTask("smallnorb_ele", 9, ("smallnorb-ele", "smallnorb_elevation", "smallnorb-elevation")),
-        # Not part of VTAB-1k: the offline default built from real CIFAR-10 photos (experiments.assets.cifar10).
+        # Not part of VTAB-1k: the offline tasks (experiments.assets): Fashion-MNIST (the default) and CIFAR-10.
+        VTABTask("fashion_mnist", 10, ("fashion-mnist", "fmnist")),
         VTABTask("cifar10", 10, ("cifar-10", "cifar_10")),
     )
 }
