@@ -60,13 +60,18 @@ def test_the_selected_entries_are_the_top_k_of_the_posterior_mean_scales():
     assert method.stage == 2 and method.burn_in == 10
     mean = torch.stack(scales[10:]).mean(0)  # λ̂: the running mean of the 10 post-burn-in samples
     torch.testing.assert_close(method.scale_mean, mean)
-    k = round(0.05 * model.dim)
-    assert len(method.selected) == k == method.state()["num_selected"]
-    top = set(torch.topk(mean, k).indices.tolist())
-    assert set(method.selected.tolist()) == top
-    outside = torch.ones(model.dim, dtype=torch.bool)
+    head = model.spec.head_mask()
+    assert 0 < int(head.sum()) < model.dim  # the TinyMLP's new head, a peft modules_to_save copy
+    k = round(0.05 * int((~head).sum()))  # p of the entries outside the head
+    assert k == method.state()["num_selected"] and len(method.selected) == k + int(head.sum())
+    top = set(torch.topk(mean.masked_fill(head, -math.inf), k).indices.tolist())
+    assert set(method.selected.tolist()) == top | set(head.nonzero().squeeze(1).tolist())  # and the whole head
+    outside = ~head
     outside[method.selected] = False
-    assert float(mean[method.selected].min()) >= float(mean[outside].max())
+    chosen = torch.zeros_like(head)
+    chosen[list(top)] = True
+    assert float(mean[chosen].min()) >= float(mean[outside].max())
+    assert method.state()["scale_threshold"] == pytest.approx(float(mean[chosen].min()))
 
 
 def test_stage_two_moves_only_the_selected_entries_from_theta0():
@@ -85,6 +90,9 @@ def test_stage_two_moves_only_the_selected_entries_from_theta0():
     # (a selected A entry whose B column stayed 0 gets no gradient, so not every selected entry moves)
     assert (theta[method.selected] != model.theta0[method.selected]).float().mean() > 0.5
     assert logs[-1]["loss"] < logs[0]["loss"]
+    head = model.spec.head_mask()
+    # the head is always fine-tuned (entries fed by a hidden unit that is 0 on every input get no gradient)
+    assert (theta[head] != model.theta0[head]).float().mean() > 0.5
 
 
 def test_fit_plans_the_two_stages():

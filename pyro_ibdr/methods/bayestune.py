@@ -72,7 +72,10 @@ class BayesTune(Method):
     always in the per-example units of ``OptimSettings(objective_scale="per_example")``, whatever
     ``objective_scale`` says (the paper's own units). λ has its own rate
     (``scale_lr``) and is clamped at 1e-8 after each step. After burn-in, λ̂ accumulates the running mean of
-    λ; at the end of stage 1 the k = round(p·D) entries with the largest λ̂ are selected. Stage 2 restarts
+    λ; at the end of stage 1 the k = round(p·D) entries with the largest λ̂ are selected, D counting the entries
+    outside the new task head (peft's ``modules_to_save``): the head starts at zero and is always fine-tuned,
+    since a head left at θ0 keeps the classifier constant (measured on the offline default: chance accuracy,
+    stage-2 loss log C); the sparse selection is over the pre-trained part's adaptation. Stage 2 restarts
     from θ0 (the authors' stage 2 reloads the initial model) and minimises the plain per-example NLL over the
     selected entries only; every other entry stays exactly at θ0. The posterior is the stage-2 point estimate
     (during stage 1, the sampler's current θ).
@@ -101,7 +104,8 @@ class BayesTune(Method):
         c = self.config
         self.theta0 = model.theta0.detach().clone()
         self.effective_num_data = float(c.effective_num_data or model.num_data)
-        self.num_selected = max(1, round(c.keep_fraction * model.dim))
+        self.head = model.spec.head_mask().to(self.theta0.device)
+        self.num_selected = max(1, round(c.keep_fraction * int((~self.head).sum())))
         self.optim = self.optim_settings.pyro_optimizer()
         self.scale_optim = replace(self.optim_settings, lr=c.scale_lr).pyro_optimizer()
         self.generator = torch.Generator(device=self.theta0.device).manual_seed(seed)
@@ -180,8 +184,16 @@ class BayesTune(Method):
         if self.num_steps > self.burn_in:
             self._accumulate(scale_u.detach())
         if self.num_steps == self.selection_steps:
-            self.selected = torch.topk(self.scale_mean, self.num_selected).indices.sort().values
+            self.selected = self._select(self.scale_mean)
         return {"loss": float(potential.detach()), "stage": 1.0, "scale_mean": float(scale_u.detach().mean())}
+
+    def _top_k(self, scale_mean: torch.Tensor) -> torch.Tensor:
+        """The indices of the k = round(p · D_adapter) entries outside the head with the largest λ̂."""
+        return torch.topk(scale_mean.masked_fill(self.head, -math.inf), self.num_selected).indices
+
+    def _select(self, scale_mean: torch.Tensor) -> torch.Tensor:
+        """The entries fine-tuned in stage 2, sorted: the top-k adapter entries by λ̂ and every head entry."""
+        return torch.cat([self._top_k(scale_mean), self.head.nonzero().squeeze(1)]).sort().values
 
     def _accumulate(self, scale: torch.Tensor) -> None:
         """λ̂ ← (1 − ζ) λ̂ + ζ λ with ζ = 1/(number of accumulated samples + 1)."""
@@ -226,5 +238,6 @@ class BayesTune(Method):
         if self.config.selection_steps is not None or self.planned_steps is not None:
             state["selection_steps"] = self.selection_steps
         if self.selected is not None:
-            state["scale_threshold"] = float(self.scale_mean[self.selected].min())
+            state["scale_threshold"] = float(self.scale_mean[self._top_k(self.scale_mean)].min())
+            state["num_head_entries"] = int(self.head.sum())
         return state
