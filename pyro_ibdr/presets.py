@@ -44,6 +44,9 @@ class Preset:
     :param augment: train with RandAugment + horizontal flips (the CLIs read it).
     :param epochs: the run length the settings were made for (``fit`` uses it when given neither epochs nor
         steps); None: the caller decides.
+    :param method_lr: ``(method, lr)`` pairs: a method's own learning rate where ``optim.lr`` does not suit its
+        optimiser (IVON's natural-gradient step, full fine-tuning); :meth:`optim_for` applies them. Giving
+        ``lr`` to :meth:`replace` clears them (an explicit rate applies to every method).
     """
 
     name: str
@@ -59,6 +62,7 @@ class Preset:
     prediction: EnsembleMode = "mean_probs"
     augment: bool = False
     epochs: int | None = None
+    method_lr: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "warmup_cosine"):
@@ -74,6 +78,11 @@ class Preset:
             raise ValueError(f"epochs must be >= 1 or None, got {self.epochs}")
         if not self.sigma >= 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        names = [name for name, _ in self.method_lr]
+        if len(set(names)) != len(names) or not set(names) <= set(METHODS):
+            raise ValueError(f"method_lr must name registered methods once each, got {names}")
+        if not all(lr > 0 for _, lr in self.method_lr):
+            raise ValueError(f"method_lr rates must be positive, got {self.method_lr}")
 
     def replace(self, **changes: Any) -> Preset:
         """A copy with fields changed; optimiser fields (``lr``, ``optimizer``, ...) and loss fields
@@ -87,6 +96,8 @@ class Preset:
             valid = sorted(own | _OPTIM_FIELDS | _LOSS_FIELDS)
             raise TypeError(f"a preset has no setting(s) {unknown}; valid: {valid}")
         optim = {k: changes.pop(k) for k in list(changes) if k in _OPTIM_FIELDS}
+        if "lr" in optim:
+            changes.setdefault("method_lr", ())
         loss = {k: changes.pop(k) for k in list(changes) if k in _LOSS_FIELDS}
         return replace(self, **changes, optim=replace(changes.get("optim", self.optim), **optim),
                        loss=replace(changes.get("loss", self.loss), **loss))
@@ -94,6 +105,11 @@ class Preset:
     def make_schedule(self, total_steps: int) -> Schedule:
         """The learning-rate multiplier for a run of ``total_steps``."""
         return make_schedule(self.schedule, total_steps, self.warmup_steps)
+
+    def optim_for(self, method: str) -> OptimSettings:
+        """``optim``, with ``method``'s own learning rate where :attr:`method_lr` gives one."""
+        lr = dict(self.method_lr).get(method)
+        return self.optim if lr is None else replace(self.optim, lr=lr)
 
     def method_options(self, method: str) -> dict[str, Any]:
         """Options of ``create_method(method, ...)``: every IBDR setting for ``"ibdr"``; the ensemble size

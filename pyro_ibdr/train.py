@@ -120,7 +120,7 @@ def _build_method(
     if not isinstance(method, str):
         raise TypeError(f"method must be a Method or a registered name, got {type(method).__name__}")
     if preset is not None:
-        optim = optim or preset.optim
+        optim = optim or preset.optim_for(method)
         options = {**preset.method_options(method), **options}
     return create_method(method, model, optim=optim, seed=seed, **options)
 

@@ -107,6 +107,24 @@ def test_fit_takes_what_the_preset_has_and_explicit_arguments_win():
     assert explicit.config["loss"]["cost"] == "output" and explicit.config["shared_head"]  # the rest: the preset's
 
 
+def test_a_methods_own_rate_reaches_its_optimiser_and_an_explicit_rate_clears_it():
+    x, y, _, _ = digits(n_train=64)
+    model = BayesianLoRA(lora_mlp().eval(), num_data=len(y))
+    preset = PAPER.replace(method_lr=(("ivon", 0.3),))
+    assert preset.optim_for("ivon").lr == 0.3 and preset.optim_for("map") == PAPER.optim
+    rates = {m: [r["lr"] for r in fit(m, model, loader_of(x, y, 16), steps=4, preset=preset,
+                                      progress=False).history] for m in ("ivon", "map")}
+    assert rates == {"ivon": [0.3], "map": [PAPER.optim.lr]}
+    assert preset.replace(lr=0.01).method_lr == () and preset.replace(lr=0.01).optim_for("ivon").lr == 0.01
+    assert preset.replace(epochs=3).method_lr == (("ivon", 0.3),)  # only a new rate clears them
+    with pytest.raises(ValueError, match="registered methods once each"):
+        PAPER.replace(method_lr=(("ivon", 0.1), ("mystery", 0.1)))
+    with pytest.raises(ValueError, match="registered methods once each"):
+        PAPER.replace(method_lr=(("ivon", 0.1), ("ivon", 0.2)))
+    with pytest.raises(ValueError, match="must be positive"):
+        PAPER.replace(method_lr=(("ivon", 0.0),))
+
+
 def test_the_ibdr_method_steps_lambda_with_the_scheduled_weights_rate():
     """dual_lr=None is the weights' base rate (0.2); set_lr(0.05) makes the multiplier m(t) = 1/4."""
     x, y, _, _ = digits(n_train=64)
