@@ -72,8 +72,9 @@ def test_data_parallel_run_equals_one_process(group, name: str) -> None:
     _, ranks = group
     reference = run(name)
     # the authors' output-cost barrier exp(max(0, d - eps)/0.01) amplifies the shards' rounding: a few of 3880
-    # entries differ by up to ~2e-5 after 6 steps (the rest within 1e-5)
-    tolerance = {"rtol": 1e-4, "atol": 5e-5} if name == "ibdr_authors" else CLOSE
+    # entries differ by up to ~2e-5 after 6 steps on one CPU, 7.9e-5 on another (the rest within 1e-5); the
+    # mutations this catches move θ by 1e-3 or more
+    tolerance = {"rtol": 1e-4, "atol": 2e-4} if name == "ibdr_authors" else CLOSE
     _assert_same_run([r[f"data_{name}"] for r in ranks], reference, tolerance)
     assert ranks[0][f"data_{name}"]["distributed"] == {"mode": "data", "world_size": 2}
 
