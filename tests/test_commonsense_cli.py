@@ -290,7 +290,7 @@ def test_without_num_samples_each_method_uses_its_own(model_dir: Path, arc_files
     output = tmp_path / "out"
     args = ["--model", str(model_dir), "--train-file", str(arc_files[0]), "--test-file", str(arc_files[1]),
             "--output", str(output), "--tasks", "arc_easy", "--methods", "map,ibdr,blob", "--no-zero-shot",
-            *[a for a in SMALL if a not in ("--num-samples", "2")], "--particles", "2"]
+            *SMALL[:SMALL.index("--num-samples")], *SMALL[SMALL.index("--num-samples") + 2:]]
     result = CliRunner().invoke(commonsense.main, args)
     assert result.exit_code == 0, result.output
     samples = {m: json.loads((output / "runs" / f"arc_easy__{m}__seed0.json").read_text())["cost"]["test_samples"]
