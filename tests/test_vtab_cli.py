@@ -291,6 +291,8 @@ def test_each_new_baseline_runs_from_the_cli(data_dir: Path, tmp_path: Path, met
     assert 0 <= record["metrics"]["accuracy"] <= 1 and 0 <= record["metrics"]["ece"] <= 1
     cost = record["cost"]
     assert (cost["passes_per_step"], cost["steps"], cost["test_samples"]) == (1, 3, samples)
+    # PAPER's own rates for ivon and fft reach the optimiser and the record (constant schedule)
+    assert record["settings"]["lr"] == record["history"][-1]["lr"] == {"ivon": 1e-2, "fft": 1e-4}.get(method, 2e-3)
     lora = 6 * 2 * 8 * (64 + 64) + 650  # rank 8 on q and v (64 -> 64) of timm's 6-block test ViT, plus the head
     assert cost["trainable_parameters"] == (parameters or lora)  # fft: every weight of the ViT, no LoRA
     if method == "laplace":

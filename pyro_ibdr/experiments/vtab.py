@@ -41,6 +41,7 @@ from pyro_ibdr.experiments.grid import (
     check_methods,
     cli_options,
     comma_separated,
+    evaluation_draws,
     parallel_options,
     precision_option,
     report,
@@ -282,10 +283,12 @@ def main(data_dir, tasks, num_classes, methods, particles, epochs, warmup_steps,
         chosen_rank = rank or (table.rank if table else 8)
         return chosen_rank, lora_alpha or (table.alpha if table else chosen_rank)
 
-    def task_settings(task: str) -> dict:
+    def task_settings(task: str, method: str | None = None) -> dict:
+        """The task's settings; ``lr`` is ``method``'s own (the preset's ``method_lr``) when a method is given."""
         p = task_preset(task)
         chosen_rank, chosen_alpha = lora_shape(task)
-        return {"preset": p.to_dict(), "lr": p.optim.lr, "particles": p.num_particles, "epochs": p.epochs,
+        lr = p.optim_for(method).lr if method else p.optim.lr
+        return {"preset": p.to_dict(), "lr": lr, "particles": p.num_particles, "epochs": p.epochs,
                 "batch_size": p.batch_size, "rank": chosen_rank, "lora_alpha": chosen_alpha}
 
     for task in tasks:  # option errors before any data is read
@@ -311,7 +314,7 @@ def main(data_dir, tasks, num_classes, methods, particles, epochs, warmup_steps,
 
     def unit_config(unit: Unit) -> dict:
         return {"options": unit_options(), "task": unit.task, "method": unit.method, "seed": unit.seed,
-                "data_dir": str(data_dir), "settings": task_settings(unit.task)}
+                "data_dir": str(data_dir), "settings": task_settings(unit.task, unit.method)}
 
     def run_unit(unit: Unit) -> dict:
         p = task_preset(unit.task)
@@ -337,13 +340,13 @@ def main(data_dir, tasks, num_classes, methods, particles, epochs, warmup_steps,
         anchor = DataLoader(Subset(plain, anchor_indices(len(plain), tfb_anchor_size, unit.seed)), batch_size=128)
         steps = {"tfb": tfb_step(anchor, tolerance=tfb_tolerance, metric=tfb_metric, num_samples=tfb_samples,
                                  seed=unit.seed, device=device)} if "tfb" in post_hoc else {}
-        samples = num_samples or METHODS[unit.method].config_class.test_samples or p.num_particles
+        samples = evaluation_draws(unit.method, num_samples, p.num_particles)
         record = train_and_evaluate(unit, build_net=partial(build_net, **net_options), train_loader=loader,
                                     test_loader=partial(test_loader, unit.task), num_data=len(train),
                                     fit_options=fit_options, num_samples=samples,
                                     output=output, device=device, precision=precision, post_hoc=steps,
                                     rebuild=canonical_config(rebuild))
-        return {**record, "settings": {**task_settings(unit.task), "eval_split": eval_split}}
+        return {**record, "settings": {**task_settings(unit.task, unit.method), "eval_split": eval_split}}
 
     units = [Unit(task, method, seed) for task in tasks for seed in seeds for method in methods]
     records = run_command_grid(units, run_unit, store, unit_config=unit_config, post_hoc=post_hoc,
