@@ -46,6 +46,7 @@ from pyro_ibdr.experiments.grid import (
     cli_options,
     comma_separated,
     evaluate_untrained,
+    evaluation_draws,
     parallel_options,
     precision_option,
     report,
@@ -263,8 +264,7 @@ def main(tasks, source, train_file, test_file, model_name, load_in_8bit, formula
                           } if "tfb" in post_hoc else {}
         record = train_and_evaluate(unit, build_net=partial(fresh_net, unit.task, METHODS[unit.method].adapter),
                                     train_loader=loader, fit_options=fit_options,
-                                    num_samples=num_samples or METHODS[unit.method].config_class.test_samples
-                                    or particles,
+                                    num_samples=evaluation_draws(unit.method, num_samples, particles),
                                     post_hoc=post_hoc_steps, rebuild=canonical_config(rebuild), **evaluation)
         return {**record, "data": sizes}
 

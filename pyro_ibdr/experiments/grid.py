@@ -195,6 +195,12 @@ def comma_separated(_ctx: click.Context | None, _param: click.Parameter | None, 
     return names
 
 
+def evaluation_draws(method: str, num_samples: int | None, num_particles: int) -> int:
+    """S for a unit's test evaluation: the command's ``--num-samples``, else the method's own default
+    (``config_class.test_samples``: BLoB's 10, laplace's 100), else K, the ensemble size of every method."""
+    return num_samples or METHODS[method].config_class.test_samples or num_particles
+
+
 def check_methods(methods: Sequence[str]) -> None:
     """A usage error naming unknown methods and listing the registered ones."""
     unknown = sorted(set(methods) - set(METHODS))

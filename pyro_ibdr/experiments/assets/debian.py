@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
 
-from pyro_ibdr.experiments.assets.fetch import _write_atomic, cache_dir, sha256_of
+from pyro_ibdr.experiments.assets.fetch import cache_dir, sha256_of, write_atomic
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 _AR_MAGIC = b"!<arch>\n"
@@ -38,7 +38,7 @@ def fetch_deb(pool_path: str, sha256: str) -> Path:
         print(f"pyro_ibdr: downloading {url} into {downloads} ...", file=sys.stderr)
         try:
             with urllib.request.urlopen(url, timeout=180) as response:
-                _write_atomic(response, target)
+                write_atomic(response, target)
         except (urllib.error.URLError, OSError) as error:
             raise RuntimeError(f"could not download {url} ({error}); is the Debian archive reachable? "
                                "$PYRO_IBDR_DEBIAN_MIRROR names another mirror") from error

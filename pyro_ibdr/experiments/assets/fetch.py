@@ -222,7 +222,8 @@ def _selector(members: Sequence[str] | None) -> tuple[Callable[[str], bool], Cal
     return (lambda name: request(name) is not None), request
 
 
-def _write_atomic(source: IO[bytes], target: Path) -> None:
+def write_atomic(source: IO[bytes], target: Path) -> None:
+    """Copy the readable ``source`` into ``target`` through a temporary sibling and an atomic rename (0644)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
@@ -266,7 +267,7 @@ def unpack_members(archive: Path, members: Sequence[str] | None, dest: Path) -> 
     found = set()
     exact_only = todo is not None and not any(m.endswith("/") for m in todo)
     for name, handle in _archive_files(Path(archive), wanted):
-        _write_atomic(handle, dest.joinpath(*_safe_member(name).parts))
+        write_atomic(handle, dest.joinpath(*_safe_member(name).parts))
         found.add(request(name))
         if exact_only and len(found) == len(set(todo)):
             break  # no need to read the rest of a long tar stream
