@@ -262,10 +262,15 @@ class _Pass:
             if not torch.is_autocast_enabled(h.device.type):
                 h = h.to(a.dtype)
             h = h.reshape(self.k, -1, h.shape[-1])  # (K, M, in), M = B'·(tokens)
-            delta = torch.matmul(torch.matmul(h, a.transpose(-1, -2)), b.transpose(-1, -2))  # (K, M, out)
+            scaling = layer.scaling[adapter]
+            down = torch.matmul(h, a.transpose(-1, -2) * scaling)  # (K, M, r); s scales the small factor
+            # base + s·(h Aᵀ) Bᵀ in one batched matmul that accumulates into the base output: no (K, M, out)
+            # temporaries for the product, the scaling and the sum (peft's plain layer makes all three)
+            total = torch.baddbmm(result.reshape(self.k, -1, result.shape[-1]).to(down.dtype), down,
+                                  b.transpose(-1, -2))  # (K, M, out)
             if bias is not None:
-                delta = delta + bias.unsqueeze(1).to(delta.dtype)
-            result = result + (delta * layer.scaling[adapter]).reshape(result.shape).to(result.dtype)
+                total = total + (bias * scaling).unsqueeze(1).to(total.dtype)
+            result = total.reshape(result.shape).to(result.dtype)
         return result
 
     def head_forward(self, entry: _Head, x: torch.Tensor) -> torch.Tensor:
