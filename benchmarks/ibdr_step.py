@@ -126,9 +126,31 @@ class PeakMemory:
             self.mb = self._status("VmHWM:") - self._before
 
 
-def measure(steps: dict[str, Callable[[], None]], repeats: int, device: str) -> dict[str, tuple[float, float]]:
-    """{name: (median seconds, peak MB)}: one warm-up call of each step (its peak memory), then ``repeats``
-    rounds that time every step in turn, so that a busy machine slows all of them alike."""
+@dataclass(frozen=True)
+class Timing:
+    """One variant's measurement: seconds of each timed round (in round order) and the warm-up's peak MB."""
+
+    rounds: tuple[float, ...]
+    peak_mb: float
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.rounds)
+
+    def ratio(self, other: Timing) -> tuple[float, float, float]:
+        """(median, lower, upper quartile) of the per-round ratios self / other: each round times both variants
+        back to back, so a slow spell of the machine (other tenants, frequency changes) slows both alike and
+        largely cancels in the ratio."""
+        ratios = [a / b for a, b in zip(self.rounds, other.rounds, strict=True)]
+        if len(ratios) < 2:
+            return ratios[0], ratios[0], ratios[0]
+        low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+        return statistics.median(ratios), low, high
+
+
+def measure(steps: dict[str, Callable[[], None]], repeats: int, device: str) -> dict[str, Timing]:
+    """{name: Timing}: one warm-up call of each step (its peak memory), then ``repeats`` rounds that time every
+    step in turn."""
     peaks = {}
     for name, step in steps.items():
         with PeakMemory(device) as memory:
@@ -144,7 +166,7 @@ def measure(steps: dict[str, Callable[[], None]], repeats: int, device: str) -> 
             if device == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(times[name]), peaks[name]) for name in steps}
+    return {name: Timing(tuple(times[name]), peaks[name]) for name in steps}
 
 
 def ibdr_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, particles: int, mode: str,
@@ -177,8 +199,10 @@ def reference_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, particles: 
 
 
 def run_scenario(scenario: Scenario, *, modes: Sequence[str] = MODES, repeats: int, device: str,
-                 precision: Precision = "fp32") -> dict[str, tuple[float, float]]:
-    """Time every mode and the reference on one scenario; print and return {name: (s/step, peak MB)}."""
+                 precision: Precision = "fp32") -> dict[str, Timing]:
+    """Time every mode and the reference on one scenario; print and return {name: Timing}.
+
+    Ratios are medians of per-round ratios, with their interquartile range in brackets."""
     torch.manual_seed(0)
     net = scenario.build().to(device).eval()
     x = torch.randn(scenario.batch, 3, scenario.img_size, scenario.img_size, device=device)
@@ -191,15 +215,20 @@ def run_scenario(scenario: Scenario, *, modes: Sequence[str] = MODES, repeats: i
         warnings.simplefilter("ignore")  # vmap's "performance drop" notice for SDPA on CPU, once per call
         results = measure(steps, repeats, device)
     click.echo(f"({scenario.key}) {scenario.title}: K={k}, B={scenario.batch}, {precision}, device={device}, "
-               f"threads={torch.get_num_threads()}, median of {repeats} interleaved rounds")
-    for name, (seconds, mb) in results.items():
+               f"threads={torch.get_num_threads()}, {repeats} interleaved rounds (medians; ratios: median of the "
+               "per-round ratios [quartiles])")
+    for name, timing in results.items():
         label = "reference (2 plain LoRA passes over K·B)" if name == "reference" else f"{name} IBDR step"
-        click.echo(f"    {label:42s} {seconds:8.3f} s   peak {mb:8.0f} MB")
-    reference = results["reference"][0]
+        click.echo(f"    {label:42s} {timing.seconds:8.3f} s   peak {timing.peak_mb:8.0f} MB")
+
+    def ratio(a: str, b: str) -> str:
+        median, low, high = results[a].ratio(results[b])
+        return f"{a} / {b} = {median:.2f} [{low:.2f}, {high:.2f}]"
+
     for mode in modes:
-        ratios = [f"{mode} / reference = {results[mode][0] / reference:.2f}"]
+        ratios = [ratio(mode, "reference")]
         if mode != "loop" and "loop" in results:
-            ratios.append(f"{mode} / loop = {results[mode][0] / results['loop'][0]:.2f}")
+            ratios.append(ratio(mode, "loop"))
         click.echo("    " + ",  ".join(ratios))
     if scenario.target:
         click.echo(f"    target: {scenario.target}; IBDR step (fused) <= 1.05x reference")
@@ -227,7 +256,8 @@ def main(keys: tuple[str, ...], modes: tuple[str, ...], repeats: int, device: st
                                precision=precision)
         if key == "d" and "fused" in results:
             k = SCENARIOS[key].particles
-            click.echo(f"    fused step / 2K full passes (K={k}) = {results['fused'][0] / results['reference'][0]:.2f} "
+            median, low, high = results["fused"].ratio(results["reference"])
+            click.echo(f"    fused step / 2K full passes (K={k}) = {median:.2f} [{low:.2f}, {high:.2f}] "
                        "(the frozen first 8 blocks run once, not K times)")
 
 
