@@ -4,15 +4,16 @@ Particle k is the frozen network plus its own low-rank updates, read from row k 
 lays the K copies of a batch out particle-major, row ``k·B' + b`` for example ``b`` of particle ``k``, and
 every adapted Linear-type layer computes (Hu et al. 2022, eq. 3, with one update per particle)
 
-    y = base(x) + s · drop(x_k) A_kᵀ B_kᵀ        on the rows x_k of particle k,
+    y = base(x) + s · (drop(x_k) A_kᵀ B_kᵀ + β_k)        on the rows x_k of particle k,
 
 where ``base`` runs ONCE on all K·B' rows it receives and is a black box (a plain ``Linear``, GPT-2's
 ``Conv1D``, a quantized layer: its weight is never read, so one copy of every frozen tensor exists), and the
-low-rank part is two batched matmuls over the views A (K, r, in), B (K, out, r) of θ; s = α/r (α/√r with
-rsLoRA). A trained Linear head (peft ``modules_to_save``) computes ``x_k W_kᵀ + b_k`` the same way. LoRA
-dropout draws its mask on every row, so it is independent per particle. This is the batching of many LoRA
-adapters over one base model that multi-LoRA servers use (Punica, Chen et al. 2023; S-LoRA, Sheng et al.
-2023), here with gradients, for the particles of one posterior.
+low-rank part is two batched matmuls over the views A (K, r, in), B (K, out, r) of θ, the second accumulating
+into base(x); s = α/r (α/√r with rsLoRA) scales B, after the down-projection as in peft; β_k is lora_B's bias
+(peft's ``lora_bias``, else 0). A trained Linear head (peft ``modules_to_save``) computes ``x_k W_kᵀ + b_k``
+the same way. LoRA dropout draws its mask on every row, so it is independent per particle. This is the
+batching of many LoRA adapters over one base model that multi-LoRA servers use (Punica, Chen et al. 2023;
+S-LoRA, Sheng et al. 2023), here with gradients, for the particles of one posterior.
 
 Where the particles join the batch: at the first block holding an adapter of θ, found in the model's block
 list (a ``ModuleList``/``Sequential`` named ``blocks`` (timm), ``layers``/``layer`` (HF decoders, BERT) or
@@ -236,10 +237,10 @@ class _Pass:
                             "in the leading (batch) dimension of every adapted layer's input")
 
     def param(self, name: str, fallback: torch.Tensor | None) -> torch.Tensor | None:
-        """θ's view (K, ...) of ``name``, else the module's own tensor broadcast over particles (or None)."""
+        """θ's view (K, ...) of ``name``, else the module's own tensor expanded over the K particles (or None)."""
         if name in self.params:
             return self.params[name]
-        return None if fallback is None else fallback.unsqueeze(0)
+        return None if fallback is None else fallback.expand(self.k, *fallback.shape)
 
     def lora_forward(self, entry: _Lora, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         layer = entry.module
@@ -263,14 +264,16 @@ class _Pass:
                 h = h.to(a.dtype)
             h = h.reshape(self.k, -1, h.shape[-1])  # (K, M, in), M = B'·(tokens)
             scaling = layer.scaling[adapter]
-            down = torch.matmul(h, a.transpose(-1, -2) * scaling)  # (K, M, r); s scales the small factor
-            # base + s·(h Aᵀ) Bᵀ in one batched matmul that accumulates into the base output: no (K, M, out)
-            # temporaries for the product, the scaling and the sum (peft's plain layer makes all three)
-            total = torch.baddbmm(result.reshape(self.k, -1, result.shape[-1]).to(down.dtype), down,
-                                  b.transpose(-1, -2))  # (K, M, out)
+            down = torch.matmul(h, a.transpose(-1, -2))  # (K, M, r), as peft's lora_A
+            up = (b * scaling).transpose(-1, -2)  # (K, r, out): s scales the small factor, after the down-projection
+            base = result.reshape(self.k, -1, result.shape[-1])  # (K, M, out)
+            if base.dtype == down.dtype:  # one batched matmul accumulating into the base output: no full-size
+                total = torch.baddbmm(base, down, up)  # temporaries for product, scaling, sum (peft makes three)
+            else:  # the base output keeps its own dtype (e.g. float32 from a quantized layer under autocast)
+                total = base + torch.matmul(down, up).to(base.dtype)
             if bias is not None:
                 total = total + (bias * scaling).unsqueeze(1).to(total.dtype)
-            result = total.reshape(result.shape).to(result.dtype)
+            result = total.reshape(result.shape)
         return result
 
     def head_forward(self, entry: _Head, x: torch.Tensor) -> torch.Tensor:

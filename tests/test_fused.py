@@ -62,6 +62,61 @@ def test_peft_options_keep_their_meaning(options):
     assert_same_logits_and_gradients(fused, loop, spread(fused), inputs)
 
 
+def test_a_factor_left_out_of_theta_keeps_the_fused_pass():
+    net, inputs, _ = FAMILIES["mlp"]()
+    for name, param in net.named_parameters():
+        if "lora_B" in name:  # frozen, nonzero: the network's own B is used by every particle
+            param.requires_grad_(False).data.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParticleFallbackWarning)
+        fused = BayesianLoRA(net, num_data=10)
+    assert not any("lora_B" in name for name in fused.spec.names)
+    assert_same_logits_and_gradients(fused, BayesianLoRA(net, num_data=10, vectorize="loop"), spread(fused), inputs)
+    assert fused.forward.mode == "fused"
+
+
+class OneLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def one_linear(rank: int, alpha: float, a: float, b: float,
+               dtype: torch.dtype = torch.float32) -> tuple[BayesianLoRA, BayesianLoRA, torch.Tensor]:
+    """(fused, loop, θ (K, D)): LoRA on one Linear held in ``dtype``, every entry of A set to ``a``, of B to ``b``."""
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["fc"])
+    net = peft.get_peft_model(OneLinear(), config).to(dtype)
+    fused, loop = BayesianLoRA(net, num_data=10), BayesianLoRA(net, num_data=10, vectorize="loop")
+    theta = fused.init_particles(K)
+    for name, view in fused.spec.unflatten(theta).items():
+        view.fill_(a if "lora_A" in name else b)
+    return fused, loop, theta
+
+
+def test_the_scaling_comes_after_the_down_projection_so_float16_overflows_no_sooner_than_peft():
+    fused, loop, theta = one_linear(1, 64, a=2.0, b=1e-3, dtype=torch.float16)  # s = 64; x Aᵀ = 3200, s·x Aᵀ > 65504
+    x = torch.full((2, 16), 100.0)
+    logits, expected = fused.logits(theta, x), loop.logits(theta, x)
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(logits, expected, rtol=2e-3, atol=0.0)
+
+
+def test_a_base_output_in_another_dtype_is_not_rounded_to_the_low_rank_dtype():
+    """A quantized base layer may return float32 under bf16 autocast; peft then adds the update in float32."""
+    fused, loop, theta = one_linear(rank=4, alpha=8, a=0.1, b=1e-3)
+    base = fused.net.base_model.model.fc.base_layer
+    base.forward = lambda x, forward=base.forward: forward(x).float()
+    x = 10 * torch.randn(5, 16, generator=torch.Generator().manual_seed(6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, expected = fused.logits(theta, x), loop.logits(theta, x)
+    # bfloat16 rounding of the base output (|y| ≈ 5) would err by ~1e-2; of the update (|Δ| ≈ 1e-2) by ~1e-4
+    torch.testing.assert_close(logits, expected, rtol=0.0, atol=1e-3)
+
+
 @pytest.mark.parametrize("family", LAST_BLOCKS)
 def test_lora_on_the_last_blocks_runs_the_frozen_prefix_once(family):
     fused, loop, inputs, first_block = build(family, layers=LAST_BLOCKS[family])
