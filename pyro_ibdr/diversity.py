@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Literal
 
 import torch
 
@@ -33,7 +34,8 @@ def wrong_class_gram(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return torch.einsum("kbc,lbc->bkl", unit, unit)
 
 
-def dpp_log_volume(probs: torch.Tensor, targets: torch.Tensor, jitter: float = 1e-7) -> torch.Tensor:
+def dpp_log_volume(probs: torch.Tensor, targets: torch.Tensor, jitter: float = 1e-7, *,
+                   members: Literal["particles", "draws"] = "particles") -> torch.Tensor:
     """Per-example log det(G + jitter·I) (B,), the log squared volume spanned by the K particles.
 
     0 when the particles' wrong-class distributions are orthogonal, ≈ (K−1)·log(jitter) when they
@@ -41,14 +43,16 @@ def dpp_log_volume(probs: torch.Tensor, targets: torch.Tensor, jitter: float = 1
     and returned in the dtype of ``probs``. For K > C − 1 the Gram matrix is rank deficient for every
     example and the value carries no signal: a warning says so.
 
-    :param probs: (K, B, C) class probabilities of K particles.
+    :param probs: (K, B, C) class probabilities of K particles (or of S posterior draws).
     :param targets: (B,) true classes.
+    :param members: what the leading dimension holds, for the warning ("K = 4 particles", "S = 8 draws").
     """
     _check(probs, targets)
     num_particles, _, num_classes = probs.shape
     if num_particles > num_classes - 1:
+        symbol = "S" if members == "draws" else "K"
         warnings.warn(
-            f"K = {num_particles} particles exceed C − 1 = {num_classes - 1} wrong classes: the DPP Gram "
+            f"{symbol} = {num_particles} {members} exceed C − 1 = {num_classes - 1} wrong classes: the DPP Gram "
             "matrix is singular for every example and the diversity term carries no signal",
             stacklevel=2,
         )

@@ -282,7 +282,7 @@ def diversity_metrics(sample_probs: Tensor, targets: Tensor) -> dict[str, float]
     kl_sum = num_samples * (p * log_p).sum((0, 2)) - (p.sum(0) * log_p.sum(0)).sum(-1)
     metrics["disagreement"] = float(disagreement.mean())
     metrics["pairwise_kl"] = float((kl_sum / pairs).clamp_min(0.0).mean())
-    metrics["dpp_log_volume"] = float(dpp_log_volume(p, t).mean())
+    metrics["dpp_log_volume"] = float(dpp_log_volume(p, t, members="draws").mean())
     return metrics
 
 

@@ -22,7 +22,7 @@ def _table_header(stdout: str, metric: str) -> list[str]:
     return next(line for line in stdout.splitlines() if line.startswith(metric)).split()
 
 
-@pytest.mark.filterwarnings("ignore:K = 10 particles exceed C − 1")  # the DPP metric of BLoB's 10 test draws
+@pytest.mark.filterwarnings("ignore:S = 10 draws exceed C − 1")  # the DPP metric of BLoB's 10 test draws
 @pytest.mark.parametrize("method", sorted(NEW_METHODS))
 def test_vtab_command_runs_each_new_method(method: str, data_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     output = tmp_path / "out"
@@ -54,7 +54,7 @@ def test_commonsense_command_runs_each_new_method(method: str, model_dir: Path, 
     assert 0 <= record["metrics"]["accuracy"] <= 1 and record["metrics"]["nll"] > 0
 
 
-@pytest.mark.filterwarnings("ignore:K = 10 particles exceed C − 1")
+@pytest.mark.filterwarnings("ignore:S = 10 draws exceed C − 1")
 def test_vtab_post_hoc_tfb_adds_rows_for_point_estimates(data_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     output = tmp_path / "out"
     args = ["--data-dir", str(data_dir), "--output", str(output), *TINY, "--sigma", "0", "--post-hoc", "tfb",

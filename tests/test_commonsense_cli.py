@@ -104,7 +104,7 @@ def test_cli_end_to_end_on_arc_files(model_dir: Path, arc_files: tuple[Path, Pat
     assert float(rows[1]["nll"]) == pytest.approx(runs["ibdr"]["metrics"]["nll"])
 
 
-@pytest.mark.filterwarnings("ignore:K = 2 particles exceed C − 1:UserWarning")  # the test-set DPP volume metric
+@pytest.mark.filterwarnings("ignore:S = 2 draws exceed C − 1:UserWarning")  # the test-set DPP volume metric
 def test_two_choice_task_keeps_alpha_and_gets_a_constant_diversity_term(model_dir: Path, tmp_path: Path) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", _boolq_rows(8))
     test = write_jsonl(tmp_path / "test.jsonl", _boolq_rows(4))

@@ -87,7 +87,7 @@ def test_evaluate_rejects_bad_input(setup):
         evaluate(model, posterior, loader, ensemble="median")
 
 
-@pytest.mark.filterwarnings("ignore:K = 8 particles exceed C − 1:UserWarning")  # the doubled DPP volume below
+@pytest.mark.filterwarnings("ignore:S = 8 draws exceed C − 1:UserWarning")  # the doubled DPP volume below
 def test_point_masses_are_evaluated_on_each_particle_once(setup):
     model, posterior, x, y, _, loader, _ = setup
     results = evaluate(model, posterior, loader)

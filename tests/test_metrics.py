@@ -207,7 +207,7 @@ def test_disagreement_and_mutual_information_on_constructed_cases():
     eye = torch.eye(3, dtype=torch.float64)
     # example 0: votes (0, 0, 1) → pairs (0,1) agree, (0,2) and (1,2) disagree → 2/3; example 1: all agree.
     sample_probs = torch.stack([eye[[0, 2]], eye[[0, 2]], eye[[1, 2]]])
-    with pytest.warns(UserWarning, match="exceed"):  # S = 3 > C − 1: the DPP term carries no signal
+    with pytest.warns(UserWarning, match="S = 3 draws exceed C − 1 = 2"):  # the DPP term carries no signal
         result = diversity_metrics(sample_probs, torch.tensor([0, 2]))
     assert result["disagreement"] == pytest.approx((2 / 3 + 0.0) / 2)
     # example 0: p̄ = (2/3, 1/3, 0) and one-hot samples: MI = H(p̄); example 1: MI = 0

@@ -259,7 +259,7 @@ def test_official_preset_comes_from_the_library(data_dir: Path, tmp_path: Path) 
     assert 0.5 <= record["state"]["lambda"] <= 5.0
 
 
-@pytest.mark.filterwarnings("ignore:K = 4 particles exceed C − 1:UserWarning")  # the test-set DPP volume metric
+@pytest.mark.filterwarnings("ignore:S = 4 draws exceed C − 1:UserWarning")  # the test-set DPP volume metric
 def test_a_binary_task_with_more_particles_than_wrong_classes_runs(data_dir: Path, tmp_path: Path) -> None:
     args = ["--data-dir", str(data_dir), "--output", str(tmp_path / "out"), "--methods", "ibdr", "--task",
             "patch_camelyon", "--model", "test_vit", "--random-init", "--img-size", "32",
